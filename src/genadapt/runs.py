@@ -1,0 +1,86 @@
+"""Run folders: atomic writes, recorded config, seed, versions and data manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+
+def atomic_write(path: Path, write) -> Path:
+    """Write via a temp file in the same folder, then rename: a finished file is never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return path
+
+
+def write_text(path: Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json(path: Path, data) -> Path:
+    return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_yaml(path: Path, data) -> Path:
+    import yaml
+
+    return write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def save_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    tensors = {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def save_torch(path: Path, state: dict) -> Path:
+    """Training state (optimiser moments, RNG) for resuming; reloaded only with weights_only=True."""
+    import torch
+
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_torch(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for package in ("genadapt", "torch", "diffusers", "transformers", "peft", "accelerate", "numpy", "pillow"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def write_manifest(out: Path, seed: int, datasets: dict, extra: dict | None = None) -> Path:
+    """manifest.json: data files with hashes, split, seed, versions (the reproducibility record)."""
+    return write_json(
+        Path(out) / "manifest.json",
+        {
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "seed": seed,
+            "versions": versions(),
+            "data": {role: images.manifest() for role, images in datasets.items()},
+            **(extra or {}),
+        },
+    )

@@ -1,0 +1,56 @@
+"""The command line: fast start, one-line errors, data inspect on real folders."""
+
+import subprocess
+import sys
+
+from PIL import Image
+from typer.testing import CliRunner
+
+from genadapt import __version__
+from genadapt.cli import app
+
+runner = CliRunner()
+
+
+def test_import_is_light():
+    code = "import sys, genadapt, genadapt.cli; print(any(m in sys.modules for m in ('torch', 'diffusers', 'transformers')))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_help_and_version():
+    assert runner.invoke(app, ["--help"]).exit_code == 0
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_inspect_mixed_folder_lists_broken_files_and_counts_good(tmp_path):
+    for index in range(3):
+        Image.new("RGB", (20, 20), (index * 60, 10, 10)).save(tmp_path / f"good{index}.png")
+    (tmp_path / "zero.png").write_bytes(b"")
+    (tmp_path / "notes.jpg").write_text("not an image")
+    result = runner.invoke(app, ["data", "inspect", str(tmp_path)])
+    assert result.exit_code == 0
+    assert "3 usable image(s), 2 unusable" in result.output
+    assert "zero.png: empty file" in result.output and "notes.jpg: not an image" in result.output
+    strict = runner.invoke(app, ["data", "inspect", str(tmp_path), "--strict"])
+    assert strict.exit_code == 1
+
+
+def test_unusable_folder_exits_non_zero_without_traceback(tmp_path):
+    (tmp_path / "zero.png").write_bytes(b"")
+    result = runner.invoke(app, ["data", "inspect", str(tmp_path)])
+    assert result.exit_code == 1 and "no usable image" in result.output
+    missing = runner.invoke(app, ["data", "inspect", str(tmp_path / "nope")])
+    assert missing.exit_code == 2
+    assert "Traceback" not in missing.output and "no such folder" in missing.output
+
+
+def test_grid_of_builtin(tmp_path):
+    result = runner.invoke(app, ["data", "grid", "builtin:digits/4?shots=6", "--out", str(tmp_path / "g.png"), "--resolution", "16"])
+    assert result.exit_code == 0
+    assert Image.open(tmp_path / "g.png").size[0] > 16
+
+
+def test_bad_pretrain_settings_are_one_line_errors():
+    result = runner.invoke(app, ["pretrain", "pocket-sd", "--out", "x", "--set", "unet_steps=many"])
+    assert result.exit_code == 2 and "expected a value like" in result.output

@@ -1,0 +1,83 @@
+"""Built-in data: disjoint splits and deterministic, nested k-shot selection."""
+
+import re
+
+import numpy as np
+import pytest
+
+from genadapt.data import load_dataset
+from genadapt.data.imageset import pixel_hash
+from genadapt.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def domains():
+    names = ["source", "flags/train", "flags/reference", "dark-skin/train", "dark-skin/reference"]
+    return {name: load_dataset(f"builtin:openmoji/{name}", resolution=32) for name in names}
+
+
+def test_openmoji_renders_captioned_rgb(domains):
+    source = domains["source"]
+    assert len(source) > 2500 and source.pixels.shape[1:] == (32, 32, 3)
+    assert all(source.captions) and all(record.label.startswith("source/") for record in source.records)
+    assert source.pixels.std() > 20  # glyphs, not blank canvases
+
+
+def test_splits_are_disjoint_by_id_and_by_pixels(domains):
+    ids = [set(record.id for record in images.records) for images in domains.values()]
+    pixels = [set(pixel_hash(p) for p in images.pixels) for images in domains.values()]
+    for i in range(len(ids)):
+        for j in range(i + 1, len(ids)):
+            assert not ids[i] & ids[j]
+            assert not pixels[i] & pixels[j]
+
+
+def test_target_domains_are_what_they_say(domains):
+    assert all(caption.startswith("flag") or "flag" in caption for caption in domains["flags/train"].captions)
+    assert all("dark skin tone" in caption for caption in domains["dark-skin/reference"].captions)
+    dark = re.compile(r"(?<!medium-)dark skin tone")
+    assert not any(dark.search(caption) for caption in domains["source"].captions)
+    assert not any(caption.split()[0] == "flag" for caption in domains["source"].captions)
+    for name in ("flags/train", "flags/reference", "dark-skin/train", "dark-skin/reference"):
+        assert len(domains[name]) >= 100
+
+
+def test_k_shot_is_deterministic_and_nested():
+    ten = load_dataset("builtin:openmoji/flags?shots=10&seed=0")
+    again = load_dataset("builtin:openmoji/flags", shots=10, seed=0)
+    five = load_dataset("builtin:openmoji/flags?shots=5&seed=0")
+    other = load_dataset("builtin:openmoji/flags?shots=10&seed=1")
+    assert [r.id for r in ten.records] == [r.id for r in again.records]
+    assert {r.id for r in five.records} < {r.id for r in ten.records}
+    assert {r.id for r in other.records} != {r.id for r in ten.records}
+    assert ten.name == "builtin:openmoji/flags/train?shots=10&seed=0"
+
+
+def test_digits_builtin():
+    sevens = load_dataset("builtin:digits/7?shots=4", resolution=16)
+    assert len(sevens) == 4 and sevens.pixels.shape == (4, 16, 16, 3)
+    assert all("seven" in caption for caption in sevens.captions)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("builtin:openmoji/cats", "unknown OpenMoji domain"),
+        ("builtin:openmoji/source/reference", "unknown split"),
+        ("builtin:nope", "unknown built-in dataset"),
+        ("builtin:openmoji/flags?shots=ten", "must be integers"),
+        ("builtin:openmoji/flags?shots=100000", "only"),
+        ("builtin:openmoji/flags?size=3", "unknown option"),
+    ],
+)
+def test_bad_builtin_specs(spec, message):
+    with pytest.raises(DataError, match=message):
+        load_dataset(spec)
+
+
+def test_manifest_records_every_item():
+    shots = load_dataset("builtin:openmoji/flags?shots=3&seed=2")
+    manifest = shots.manifest()
+    assert manifest["count"] == 3 and len(manifest["items"]) == 3
+    assert all(len(item["sha256"]) == 64 for item in manifest["items"])
+    assert np.array_equal(load_dataset("builtin:openmoji/flags?shots=3&seed=2").pixels, shots.pixels)
