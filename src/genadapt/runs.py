@@ -55,9 +55,13 @@ def save_torch(path: Path, state: dict) -> Path:
 
 
 def load_torch(path: Path) -> dict:
+    """weights_only=True, plus numpy scalars (LR schedulers store them), which carry no code."""
+    import numpy as np
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=True)
+    scalars = [np._core.multiarray.scalar, np.dtype, type(np.dtype(np.float64))]
+    with torch.serialization.safe_globals(scalars):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def versions() -> dict:
@@ -84,3 +88,15 @@ def write_manifest(out: Path, seed: int, datasets: dict, extra: dict | None = No
             **(extra or {}),
         },
     )
+
+
+def progress(total: int, initial: int, desc: str):
+    """A tqdm bar with ETA, resumed at `initial`."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, smoothing=0.05)
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with Path(path).open("a") as handle:
+        handle.write(json.dumps(record) + "\n")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from genadapt.runs import load_torch, save_torch, write_json, write_manifest, write_yaml
+from genadapt.runs import append_jsonl, progress, load_torch, save_torch, write_json, write_manifest, write_yaml
 
 
 @dataclass
@@ -40,7 +40,7 @@ class PocketSDConfig:
     # UNet on 8x8x4 latents: cross-attention at 8x8 and 4x4 (SD puts it at every level but the last).
     unet_channels: tuple = (64, 128, 128)
     unet_heads: int = 4
-    unet_steps: int = 9000
+    unet_steps: int = 6000
     unet_batch: int = 64
     unet_lr: float = 5e-4
     warmup_steps: int = 200
@@ -58,7 +58,7 @@ class PocketSDConfig:
         "sun with face",
         "automobile",
     )
-    threads: int = 0  # 0: torch's default
+    threads: int = 1  # 1 thread: with any other process on a 2-core box, 2 OpenMP threads stall at every barrier
 
 
 def noise_scheduler_config() -> dict:
@@ -133,17 +133,10 @@ def _set_threads(config: PocketSDConfig) -> None:
 
     if config.threads:
         torch.set_num_threads(config.threads)
+    # Tiny weights and gradients drift into denormal floats, which x86 handles ~100x slower.
+    torch.set_flush_denormal(True)
 
 
-def _progress(total: int, initial: int, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, smoothing=0.05)
-
-
-def _log(out: Path, record: dict) -> None:
-    with (out / "log.jsonl").open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
 
 
 def _ema_update(ema, model, decay: float) -> None:
@@ -168,7 +161,7 @@ def train_vae(config: PocketSDConfig, images, out: Path):
     vae = build_vae(config)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + np.cos(np.pi * min(step, config.vae_steps) / config.vae_steps))
+        optimizer, lambda step: float(0.5 * (1 + np.cos(np.pi * min(step, config.vae_steps) / config.vae_steps)))
     )
     step, state_path = 0, out / "checkpoints" / "vae-state.pt"
     if state_path.is_file():
@@ -179,7 +172,7 @@ def train_vae(config: PocketSDConfig, images, out: Path):
         torch.set_rng_state(state["rng"])
         step = state["step"]
     pixels = images.tensors()
-    bar = _progress(config.vae_steps, step, "pocket-sd VAE")
+    bar = progress(config.vae_steps, step, "pocket-sd VAE")
     vae.train()
     while step < config.vae_steps:
         batch = pixels[torch.randint(len(pixels), (config.vae_batch,))]
@@ -196,7 +189,7 @@ def train_vae(config: PocketSDConfig, images, out: Path):
         bar.update(1)
         bar.set_postfix(l1=f"{l1.item():.4f}")
         if step % 50 == 0:
-            _log(out, {"stage": "vae", "step": step, "l1": l1.item(), "kl": kl.item()})
+            append_jsonl(out / "log.jsonl", {"stage": "vae", "step": step, "l1": l1.item(), "kl": kl.item()})
         if step % config.checkpoint_every == 0 or step == config.vae_steps:
             save_torch(
                 state_path,
@@ -273,8 +266,10 @@ def train_unet(config: PocketSDConfig, images, vae, tokenizer, out: Path):
     optimizer = torch.optim.AdamW(parameters, lr=config.unet_lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: min(1.0, (step + 1) / config.warmup_steps)
-        * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(step, config.unet_steps) / config.unet_steps))),
+        lambda step: float(
+            min(1.0, (step + 1) / config.warmup_steps)
+            * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(step, config.unet_steps) / config.unet_steps)))
+        ),
     )
     noise_scheduler = DDPMScheduler.from_config(noise_scheduler_config())
     step, state_path = 0, out / "checkpoints" / "unet-state.pt"
@@ -289,7 +284,7 @@ def train_unet(config: PocketSDConfig, images, vae, tokenizer, out: Path):
         torch.set_rng_state(state["rng"])
         step = state["step"]
 
-    bar = _progress(config.unet_steps, step, "pocket-sd UNet")
+    bar = progress(config.unet_steps, step, "pocket-sd UNet")
     started, losses = time.time(), []
     while step < config.unet_steps:
         index = torch.randint(len(mean), (config.unet_batch,))
@@ -316,7 +311,7 @@ def train_unet(config: PocketSDConfig, images, vae, tokenizer, out: Path):
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if step % 50 == 0:
-            _log(out, {"stage": "unet", "step": step, "loss": float(np.mean(losses[-50:])), "lr": schedule.get_last_lr()[0], "seconds": time.time() - started})
+            append_jsonl(out / "log.jsonl", {"stage": "unet", "step": step, "loss": float(np.mean(losses[-50:])), "lr": schedule.get_last_lr()[0], "seconds": time.time() - started})
         if step % config.checkpoint_every == 0 or step == config.unet_steps:
             save_torch(
                 state_path,
