@@ -1,0 +1,159 @@
+"""`genadapt evaluate`: fidelity, diversity and memorisation of generated samples, with CIs.
+
+Samples come from a folder of images or from a run folder (generated here, seeded). Features
+come from an injectable extractor and are cached per image set, so one reference costs one pass.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from genadapt.data import load_dataset
+from genadapt.data.imageset import ImageRecord, ImageSet, pixel_hash
+from genadapt.errors import UserError
+from genadapt.eval import metrics
+from genadapt.eval.features import cached_features, get_extractor
+from genadapt.runs import write_json, write_text
+
+
+def _resolution_for(features) -> int:
+    return 299 if isinstance(features, str) and features.startswith("inception:") else 32
+
+
+def samples_from_run(run: Path, n: int, seed: int = 0, steps: int = 25, guidance: float = 4.0) -> ImageSet:
+    """n images from an adapted run (diffusion), prompts cycled over its training captions."""
+    import json
+
+    from genadapt import api
+    from genadapt.grid import to_uint8
+
+    manifest = json.loads((run / "manifest.json").read_text())
+    model = api.load_run_model(str(run))
+    captions = model.extras.get("captions") or [item["caption"] for item in manifest["data"]["train"]["items"]]
+    from genadapt.families import diffusion
+
+    prompts = [captions[i % len(captions)] for i in range(n)]
+    pixels = to_uint8(diffusion.sample(model, prompts, steps=steps, guidance=guidance, seed=seed, progress=True))
+    records = [ImageRecord(id=f"sample-{i:04d}", caption=p, sha256=pixel_hash(x)) for i, (p, x) in enumerate(zip(prompts, pixels))]
+    return ImageSet(f"{run}#samples(seed={seed})", pixels, records)
+
+
+def load_eval_images(spec: str, resolution: int, n: int | None = None, seed: int = 0) -> ImageSet:
+    path = Path(spec)
+    if path.is_dir() and (path / "config.yaml").is_file() and (path / "manifest.json").is_file():
+        return samples_from_run(path, n or 64, seed)
+    images = load_dataset(spec, resolution=resolution)
+    if len(images) < 2:
+        raise UserError(f"{spec}: {len(images)} usable image(s); metrics need at least 2")
+    return images
+
+
+def evaluate(
+    samples,
+    reference,
+    train=None,
+    features="pocket",
+    out: Path | None = None,
+    num_samples: int | None = None,
+    seed: int = 0,
+    n_boot: int = 50,
+) -> dict:
+    """All few-shot metrics for one sample set; ImageSets or specs (folder, builtin:..., run folder)."""
+    resolution = _resolution_for(features)
+    extractor = get_extractor(features)
+    reference_set = reference if isinstance(reference, ImageSet) else load_eval_images(str(reference), resolution)
+    sample_set = samples if isinstance(samples, ImageSet) else load_eval_images(str(samples), resolution, num_samples or len(reference_set), seed)
+    train_set = train if (train is None or isinstance(train, ImageSet)) else load_dataset(str(train), resolution=resolution)
+
+    feats_samples = cached_features(extractor, sample_set)
+    feats_reference = cached_features(extractor, reference_set)
+    space = extractor.extractor_id
+    result = {
+        "samples": {"name": sample_set.name, "count": len(sample_set)},
+        "reference": {"name": reference_set.name, "count": len(reference_set)},
+        "features": space,
+        "fid": metrics.fid_with_ci(feats_samples, feats_reference, n_boot=n_boot, seed=seed),
+        "kid": metrics.kid_with_ci(feats_samples, feats_reference, n_boot=n_boot, seed=seed),
+        "precision_recall": metrics.precision_recall(feats_reference, feats_samples, k=min(3, len(reference_set) - 1, len(sample_set) - 1)),
+        "density_coverage": metrics.density_coverage(feats_reference, feats_samples, k=min(5, len(reference_set) - 1, len(sample_set) - 1)),
+    }
+    if train_set is not None:
+        feats_train = cached_features(extractor, train_set)
+        result["train"] = {"name": train_set.name, "count": len(train_set)}
+        diversity = metrics.intra_cluster_diversity(feats_samples, feats_train, distance="cosine", space=space)
+        result["intra_cluster_diversity"] = {k: v for k, v in diversity.items() if k not in ("nearest_shot", "nn_distance")}
+        copies = metrics.memorisation(feats_samples, feats_train, reference=feats_reference if len(train_set) == 1 else None)
+        result["memorisation"] = {
+            "rule": copies["rule"],
+            "ratio": copies["ratio"],
+            "copy_rate": copies["copy_rate"],
+            "copies": [
+                {"sample": sample_set.records[int(i)].id, "shot": train_set.records[int(s)].id, "sample_index": int(i), "shot_index": int(s)}
+                for i, s in zip(copies["flagged"], copies["copied_shot"])
+            ],
+        }
+        result["authenticity"] = {k: v for k, v in metrics.authenticity(feats_train, feats_samples).items() if k in ("authenticity", "n_fake")}
+    result = _plain(result)
+    if out is not None:
+        write_report(result, Path(out), sample_set, train_set)
+    return result
+
+
+def _plain(value):
+    """JSON-ready: tensors and numpy scalars to Python numbers and lists."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def rows(result: dict) -> list[tuple[str, str]]:
+    """(metric, value) pairs for tables; CIs as [low, high]."""
+    def ci(entry, digits=4):
+        return f"{entry['value']:.{digits}f} [{entry['ci_low']:.{digits}f}, {entry['ci_high']:.{digits}f}]"
+
+    table = [
+        ("FID (95% CI)", ci(result["fid"], 2)),
+        ("KID (95% CI)", ci(result["kid"])),
+        (f"precision / recall (k={result['precision_recall']['k']})", f"{result['precision_recall']['precision']:.3f} / {result['precision_recall']['recall']:.3f}"),
+        (f"density / coverage (k={result['density_coverage']['k']})", f"{result['density_coverage']['density']:.3f} / {result['density_coverage']['coverage']:.3f}"),
+    ]
+    if "memorisation" in result:
+        diversity = result["intra_cluster_diversity"]
+        table.append((f"intra-cluster diversity ({diversity['distance_name']})", f"{diversity['value']:.4f}"))
+        table.append((f"copy rate (NN ratio < {result['memorisation']['ratio']:.2f}, {result['memorisation']['rule']})", f"{result['memorisation']['copy_rate']:.3f}"))
+        table.append(("authenticity (Alaa et al. 2022)", f"{result['authenticity']['authenticity']:.3f}"))
+    return table
+
+
+def write_report(result: dict, out: Path, samples: ImageSet, train: ImageSet | None) -> None:
+    from genadapt.grid import save_grid
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "metrics.json", result)
+    header = f"samples: {result['samples']['name']} ({result['samples']['count']}); reference: {result['reference']['name']} ({result['reference']['count']}); features: {result['features']}"
+    markdown = ["| metric | value |", "|---|---|"] + [f"| {m} | {v} |" for m, v in rows(result)]
+    write_text(out / "report.md", f"# Evaluation\n\n{header}\n\n" + "\n".join(markdown) + "\n")
+    save_grid(samples.pixels[:64], out / "samples.png", scale=2)
+    copies_html = ""
+    if train is not None and result["memorisation"]["copies"]:
+        pairs = result["memorisation"]["copies"][:16]
+        side_by_side = np.concatenate([np.stack([samples.pixels[c["sample_index"]], train.pixels[c["shot_index"]]]) for c in pairs])
+        save_grid(side_by_side, out / "copies.png", columns=2, scale=2)
+        copies_html = "<h2>Flagged copies (sample | training shot)</h2><img src='copies.png'>"
+    table = "".join(f"<tr><td>{html.escape(m)}</td><td>{html.escape(v)}</td></tr>" for m, v in rows(result))
+    write_text(
+        out / "report.html",
+        f"<!doctype html><meta charset='utf-8'><title>genadapt evaluation</title>"
+        f"<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}td{{padding:.2em 1em;border-bottom:1px solid #ddd}}img{{image-rendering:pixelated}}</style>"
+        f"<h1>Evaluation</h1><p>{html.escape(header)}</p><table>{table}</table><h2>Samples</h2><img src='samples.png'>{copies_html}",
+    )
