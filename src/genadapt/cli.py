@@ -131,5 +131,114 @@ def zoo_show(name: str = typer.Argument(..., help="A zoo model name.")) -> None:
     typer.echo(json.dumps(zoo.card(name), indent=2))
 
 
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+@user_errors
+def adapt(
+    base: Optional[str] = typer.Option(None, help="pocket-sd, a diffusers pipeline folder, or a hub id.  [default: pocket-sd]"),
+    data: Optional[str] = typer.Option(None, "--data", "--instance-data-dir", "--train-data-dir", help="Folder of images or builtin:... spec."),
+    caption: Optional[str] = typer.Option(None, "--caption", "--instance-prompt", help="Prompt for images without a caption of their own."),
+    shots: Optional[int] = typer.Option(None, help="Use a deterministic k-shot subset of the data."),
+    train: Optional[str] = typer.Option(None, help="full | freeze | lora | embedding.  [default: lora]"),
+    loss: Optional[list[str]] = typer.Option(None, help="Extra loss NAME[:WEIGHT] (repeatable): prior, ewc, relational, feature."),
+    with_prior_preservation: bool = typer.Option(False, "--with-prior-preservation", help="Same as --loss prior (DreamBooth)."),
+    steps: Optional[int] = typer.Option(None, "--steps", "--max-train-steps", help="Optimisation steps.  [default: 200]"),
+    learning_rate: Optional[float] = typer.Option(None, "--learning-rate", "--lr", help="Default per technique: full/freeze 1e-5, lora 1e-4, embedding 5e-3."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "--train-batch-size", help="Images per step.  [default: 4]"),
+    gradient_accumulation_steps: Optional[int] = typer.Option(None, help="Accumulate gradients over this many batches."),
+    mixed_precision: Optional[str] = typer.Option(None, help="no | fp16 | bf16 (GPU)."),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing", help="Trade compute for memory."),
+    seed: Optional[int] = typer.Option(None, help="Seed for shots, noise and batches.  [default: 0]"),
+    trainable: Optional[list[str]] = typer.Option(None, help="--train freeze: parameter patterns that train (repeatable), e.g. 'up_blocks.*'."),
+    freeze: Optional[list[str]] = typer.Option(None, help="--train freeze: parameter patterns kept frozen (repeatable)."),
+    preset: Optional[str] = typer.Option(None, help="--train freeze presets: attention, cross-attention, decoder, encoder, norms."),
+    train_text_encoder: Optional[bool] = typer.Option(None, "--train-text-encoder", help="--train full: also train the text encoder."),
+    rank: Optional[int] = typer.Option(None, help="LoRA rank.  [default: 4]"),
+    alpha: Optional[float] = typer.Option(None, help="LoRA alpha.  [default: rank, i.e. scale 1 as diffusers]"),
+    use_dora: Optional[bool] = typer.Option(None, "--use-dora", help="DoRA: weight-decomposed LoRA."),
+    use_rslora: Optional[bool] = typer.Option(None, "--use-rslora", help="rsLoRA: scale alpha/sqrt(rank)."),
+    lora_targets: Optional[list[str]] = typer.Option(None, help="Module names LoRA wraps (repeatable).  [default: to_q to_k to_v to_out.0]"),
+    token: Optional[str] = typer.Option(None, "--token", "--placeholder-token", help="--train embedding: the new token.  [default: <genadapt>]"),
+    init_token: Optional[str] = typer.Option(None, "--init-token", "--initializer-token", help="Word to start the embedding from (else the mean)."),
+    vectors: Optional[int] = typer.Option(None, "--vectors", "--num-vectors", help="Embedding vectors per token.  [default: 1]"),
+    prior_prompt: Optional[str] = typer.Option(None, "--prior-prompt", "--class-prompt", help="Prompt for prior-preservation class images."),
+    num_class_images: Optional[int] = typer.Option(None, help="Class images the source generates for --loss prior.  [default: 50]"),
+    checkpointing_steps: Optional[int] = typer.Option(None, help="Checkpoint every N steps (atomic; rerun to resume).  [default: 100]"),
+    sample_every: Optional[int] = typer.Option(None, help="Write a sample grid every N steps (0: only at the end)."),
+    validation_prompt: Optional[str] = typer.Option(None, help="Prompt for sample grids.  [default: the training captions]"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML or TOML file with any of these settings; flags override it."),
+    out: Optional[Path] = typer.Option(None, "--out", "--output-dir", help="Run folder."),
+) -> None:
+    """Adapt a pretrained generator to your images with one parameter technique and any loss techniques."""
+    from genadapt.api import adapt as run_adapt
+    from genadapt.config import AdaptConfig, build_config, read_config_file
+
+    losses = list(loss or [])
+    if with_prior_preservation and not any(item.split(":")[0] == "prior" for item in losses):
+        losses.append("prior")
+    given = {
+        "base": base, "data": data, "caption": caption, "shots": shots, "train": train, "loss": losses or None,
+        "steps": steps, "learning_rate": learning_rate, "batch_size": batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps, "mixed_precision": mixed_precision,
+        "gradient_checkpointing": gradient_checkpointing, "seed": seed, "trainable": trainable or None,
+        "freeze": freeze or None, "preset": preset, "train_text_encoder": train_text_encoder, "rank": rank,
+        "alpha": alpha, "use_dora": use_dora, "use_rslora": use_rslora, "lora_targets": lora_targets or None,
+        "token": token, "init_token": init_token, "vectors": vectors, "prior_prompt": prior_prompt,
+        "num_class_images": num_class_images, "checkpointing_steps": checkpointing_steps,
+        "sample_every": sample_every, "validation_prompt": validation_prompt, "out": out,
+    }
+    settings = build_config(AdaptConfig, read_config_file(config) if config else {}, given)
+    typer.echo(run_adapt(settings))
+
+
+def _parse_lora(value: str) -> tuple[str, float]:
+    path, _, weight = value.rpartition(":") if ":" in value else (value, "", "1")
+    try:
+        return (path or value), float(weight)
+    except ValueError:
+        raise UserError(f"--lora {value}: use RUN or RUN:WEIGHT, e.g. --lora runs/flags:0.8") from None
+
+
+@app.command()
+@user_errors
+def sample(
+    model: str = typer.Argument("pocket-sd", help="A run folder, pocket-sd, or a pipeline folder."),
+    prompt: list[str] = typer.Option([""], help="Prompt (repeatable; cycled over the n images)."),
+    n: int = typer.Option(16, "-n", "--num-images", help="How many images."),
+    steps: int = typer.Option(25, help="Sampler steps."),
+    guidance: float = typer.Option(4.0, "--guidance", "--guidance-scale", help="Classifier-free guidance scale."),
+    seed: int = typer.Option(0, help="Seed; the same seed gives the same images."),
+    lora: list[str] = typer.Option([], help="Add a LoRA run with a weight, RUN:WEIGHT (repeatable, composable)."),
+    out: Path = typer.Option(Path("grid.png"), help="Grid PNG to write."),
+) -> None:
+    """Generate a grid of images from a base model or an adapted run."""
+    from genadapt.api import sample as run_sample
+
+    run_sample(model, prompt, n=n, steps=steps, guidance=guidance, seed=seed, loras=[_parse_lora(v) for v in lora], out=out)
+    typer.echo(out)
+
+
+@app.command()
+@user_errors
+def evaluate(
+    samples: str = typer.Option(..., help="Folder of generated images, or a run folder (samples are generated, seeded)."),
+    reference: str = typer.Option(..., help="Folder or builtin:... spec of real target images held out from training."),
+    train: Optional[str] = typer.Option(None, help="The training shots: enables intra-cluster diversity and memorisation."),
+    features: str = typer.Option("pocket", help="pocket (the shipped eval encoder), an eval-encoder folder, or inception:PATH."),
+    inception_weights: Optional[Path] = typer.Option(None, help="pytorch-fid's pt_inception-2015-12-05 weights: standard FID."),
+    num_samples: Optional[int] = typer.Option(None, help="Samples to generate from a run folder.  [default: reference size]"),
+    seed: int = typer.Option(0, help="Seed for generated samples and bootstrap."),
+    out: Path = typer.Option(..., help="Folder for metrics.json, report.md and report.html."),
+) -> None:
+    """FID/KID with CIs, precision/recall, density/coverage; with --train, diversity and memorisation."""
+    from genadapt.eval.evaluate import evaluate as run_evaluate, rows
+
+    if inception_weights is not None:
+        features = f"inception:{inception_weights}"
+    result = run_evaluate(samples, reference, train, features, out, num_samples=num_samples, seed=seed)
+    for metric, value in rows(result):
+        typer.echo(f"{metric:55s} {value}")
+    typer.echo(out / "report.html")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -1,0 +1,1 @@
+"""Format conversion for artifacts users take to other tools (diffusers, peft, kohya/A1111/ComfyUI)."""

@@ -1,0 +1,158 @@
+"""Each diffusion technique's defining property, on a tiny random SD pipeline."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from diffusion_fixtures import build_tiny_pipeline
+from genadapt.api import adapt, load_run_model
+from genadapt.config import AdaptConfig
+from genadapt.errors import UserError
+from genadapt.families import diffusion
+
+DATA = "builtin:digits/3?shots=4"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return str(build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd")))
+
+
+def _run(base, out, **values):
+    settings = dict(base=base, data=DATA, steps=4, batch_size=3, checkpointing_steps=2, num_validation_images=2, sample_steps=2, learning_rate=1e-2, out=out)
+    settings.update(values)
+    config = AdaptConfig(**settings)
+    adapt(config)
+    return config
+
+
+def _state(module):
+    return {name: value.detach().clone() for name, value in module.state_dict().items()}
+
+
+def _unet_output(model, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(2, 4, 8, 8, generator=generator)
+    embeds = diffusion.encode_text(model, diffusion.tokenize(model, ["a handwritten digit three"] * 2))
+    with torch.no_grad():
+        return model.unet(latents, torch.tensor([10, 600]), embeds).sample
+
+
+def test_full_changes_unet_and_nothing_else(base, tmp_path):
+    source = diffusion.load(base)
+    _run(base, tmp_path / "full", train="full")
+    adapted = diffusion.load(str(tmp_path / "full" / "pipeline"))
+    before, after = _state(source.unet), _state(adapted.unet)
+    assert sum(not torch.equal(before[k], after[k]) for k in before) > 0.9 * len(before)
+    for name in ("vae", "text_encoder"):
+        old, new = _state(getattr(source, name)), _state(getattr(adapted, name))
+        assert all(torch.equal(old[k], new[k]) for k in old), f"{name} must stay frozen"
+
+
+def test_freeze_keeps_unmatched_weights_bitwise(base, tmp_path):
+    source = _state(diffusion.load(base).unet)
+    _run(base, tmp_path / "freeze", train="freeze", trainable=["up_blocks.*"])
+    adapted = _state(diffusion.load(str(tmp_path / "freeze" / "pipeline")).unet)
+    for key in source:
+        if key.startswith("up_blocks."):
+            continue
+        assert torch.equal(source[key], adapted[key]), key
+    assert any(not torch.equal(source[k], adapted[k]) for k in source if k.startswith("up_blocks."))
+
+
+def test_freeze_needs_patterns_that_match(base, tmp_path):
+    with pytest.raises(UserError, match="no parameter matches"):
+        _run(base, tmp_path / "none", train="freeze", trainable=["no_such_block.*"])
+
+
+def test_lora_base_untouched_merge_equals_unmerged_and_exports_load(base, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    _run(base, tmp_path / "lora", train="lora", rank=2, alpha=4.0)
+    reference = _state(diffusion.load(base).unet)
+
+    model = diffusion.load(base)
+    model.pipeline.load_lora_weights(str(tmp_path / "lora"), weight_name="pytorch_lora_weights.safetensors")
+    base_keys = {k: v for k, v in _state(model.unet).items() if "lora" not in k}
+    for key, value in base_keys.items():
+        stripped = key.replace(".base_layer", "")
+        assert torch.equal(value, reference[stripped]), key
+    unmerged = _unet_output(model)
+    assert not torch.allclose(unmerged, _unet_output(diffusion.load(base)), atol=1e-6), "LoRA must change the output"
+    model.pipeline.fuse_lora()
+    torch.testing.assert_close(_unet_output(model), unmerged, atol=1e-5, rtol=1e-4)
+
+    kohya = tmp_path / "lora" / "pytorch_lora_weights_kohya.safetensors"
+    tensors = load_file(kohya)
+    assert all(k.startswith("lora_unet_") for k in tensors)
+    alphas = [v for k, v in tensors.items() if k.endswith(".alpha")]
+    assert alphas and all(float(a) == 4.0 for a in alphas)  # alpha stored as trained, not rank
+    with safe_open(str(kohya), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["ss_network_dim"] == "2" and metadata["ss_network_alpha"] == "4.0"
+    via_kohya = diffusion.load(base)
+    via_kohya.pipeline.load_lora_weights(str(kohya.parent), weight_name=kohya.name)
+    torch.testing.assert_close(_unet_output(via_kohya), unmerged, atol=1e-5, rtol=1e-4)
+
+
+def test_lora_composition_with_weights(base, tmp_path):
+    _run(base, tmp_path / "a", train="lora", rank=2)
+    _run(base, tmp_path / "b", train="lora", rank=2, seed=1)
+    plain = _unet_output(diffusion.load(base))
+    only_a = _unet_output(load_run_model(base, loras=[(str(tmp_path / "a"), 1.0)]))
+    a_and_zero_b = _unet_output(load_run_model(base, loras=[(str(tmp_path / "a"), 1.0), (str(tmp_path / "b"), 0.0)]))
+    zero_both = _unet_output(load_run_model(base, loras=[(str(tmp_path / "a"), 0.0), (str(tmp_path / "b"), 0.0)]))
+    both = _unet_output(load_run_model(base, loras=[(str(tmp_path / "a"), 1.0), (str(tmp_path / "b"), 1.0)]))
+    torch.testing.assert_close(a_and_zero_b, only_a, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(zero_both, plain, atol=1e-6, rtol=1e-5)
+    assert (both - only_a).abs().max() > 1e-5 and (only_a - plain).abs().max() > 1e-5
+
+
+def test_embedding_changes_only_new_rows_and_loads_in_diffusers(base, tmp_path):
+    source = diffusion.load(base)
+    rows_before = source.text_encoder.get_input_embeddings().weight.detach().clone()
+    _run(base, tmp_path / "ti", train="embedding", token="<digit>", vectors=2, learning_rate=0.5)
+    learned = load_file(tmp_path / "ti" / "learned_embeds.safetensors")["<digit>"]
+    assert learned.shape == (2, rows_before.shape[1])
+    assert load_file(tmp_path / "ti" / "digit.safetensors")["emb_params"].shape == (2, rows_before.shape[1])
+    model = diffusion.load(base)
+    model.pipeline.load_textual_inversion(str(tmp_path / "ti" / "learned_embeds.safetensors"))
+    rows_after = model.text_encoder.get_input_embeddings().weight.detach()
+    assert torch.equal(rows_after[: len(rows_before)], rows_before)  # every old row bitwise
+    init = rows_before.mean(0)
+    assert not torch.allclose(rows_after[len(rows_before):], init.expand(2, -1))  # new rows learned
+    # The UNet and the rest of the text encoder never moved.
+    assert all(torch.equal(a, b) for a, b in zip(_state(model.unet).values(), _state(source.unet).values()))
+
+
+def test_resume_matches_uninterrupted_run(base, tmp_path):
+    _run(base, tmp_path / "straight", train="lora", steps=4, checkpointing_steps=4)
+    _run(base, tmp_path / "resumed", train="lora", steps=2, checkpointing_steps=2)
+    _run(base, tmp_path / "resumed", train="lora", steps=4, checkpointing_steps=2)
+    straight = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    resumed = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(straight, resumed):
+        assert abs(a["loss"] - b["loss"]) < 1e-5
+    first = load_file(tmp_path / "straight" / "pytorch_lora_weights.safetensors")
+    second = load_file(tmp_path / "resumed" / "pytorch_lora_weights.safetensors")
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], atol=1e-6, rtol=1e-5)
+
+
+def test_resume_refuses_a_different_run(base, tmp_path):
+    _run(base, tmp_path / "run", train="lora", steps=2, checkpointing_steps=2)
+    with pytest.raises(UserError, match="other settings"):
+        _run(base, tmp_path / "run", train="lora", rank=8, steps=2)
+
+
+def test_run_folder_records_config_seed_versions_and_data(base, tmp_path):
+    _run(base, tmp_path / "run", train="lora", steps=1)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["seed"] == 0 and manifest["versions"]["torch"]
+    assert manifest["data"]["train"]["count"] == 4 and len(manifest["data"]["train"]["items"]) == 4
+    assert (tmp_path / "run" / "config.yaml").read_text().count("train: lora") == 1
+    assert list((tmp_path / "run" / "samples").glob("*.png"))
