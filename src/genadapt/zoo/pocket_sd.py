@@ -12,6 +12,7 @@ checkpointed atomically; rerunning the same command resumes where it stopped.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ class PocketSDConfig:
     caption_dropout: float = 0.1  # so classifier-free guidance works (Ho & Salimans 2022)
     ema_decay: float = 0.999
     checkpoint_every: int = 250
+    log_every: int = 50
     sample_every: int = 1500
     sample_prompts: tuple = (
         "grinning face",
@@ -171,6 +173,7 @@ def train_vae(config: PocketSDConfig, images, out: Path):
         schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["rng"])
         step = state["step"]
+        print(f"resuming from step {step} ({state_path})", file=sys.stderr)
     pixels = images.tensors()
     bar = progress(config.vae_steps, step, "pocket-sd VAE")
     vae.train()
@@ -188,7 +191,7 @@ def train_vae(config: PocketSDConfig, images, out: Path):
         step += 1
         bar.update(1)
         bar.set_postfix(l1=f"{l1.item():.4f}")
-        if step % 50 == 0:
+        if step % config.log_every == 0:
             append_jsonl(out / "log.jsonl", {"stage": "vae", "step": step, "l1": l1.item(), "kl": kl.item()})
         if step % config.checkpoint_every == 0 or step == config.vae_steps:
             save_torch(
@@ -283,6 +286,7 @@ def train_unet(config: PocketSDConfig, images, vae, tokenizer, out: Path):
         schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["rng"])
         step = state["step"]
+        print(f"resuming from step {step} ({state_path})", file=sys.stderr)
 
     bar = progress(config.unet_steps, step, "pocket-sd UNet")
     started, losses = time.time(), []
@@ -310,7 +314,7 @@ def train_unet(config: PocketSDConfig, images, vae, tokenizer, out: Path):
         losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        if step % 50 == 0:
+        if step % config.log_every == 0:
             append_jsonl(out / "log.jsonl", {"stage": "unet", "step": step, "loss": float(np.mean(losses[-50:])), "lr": schedule.get_last_lr()[0], "seconds": time.time() - started})
         if step % config.checkpoint_every == 0 or step == config.unet_steps:
             save_torch(
