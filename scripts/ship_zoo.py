@@ -1,0 +1,143 @@
+"""Maintainers' step: copy a finished pretraining run into the package, measure it, write its card.
+
+    python scripts/ship_zoo.py NAME RUN_DIR --train-minutes M
+
+Copies the run's shipped folder to src/genadapt/zoo/weights/NAME (pocket-sd's UNet and VAE as
+fp16, which diffusers loads back as fp32), measures the generators' quality in the eval encoder's
+feature space against OpenMoji source images, and writes card.json, README.md and a sample grid
+under docs/zoo/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from datetime import date
+from pathlib import Path
+
+import torch
+import yaml
+
+from genadapt import zoo
+from genadapt.data import load_dataset
+from genadapt.eval import metrics
+from genadapt.eval.features import cached_features, get_extractor
+from genadapt.grid import save_grid
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "zoo"
+LICENSE = "weights: CC BY-SA 4.0 (trained on OpenMoji, CC BY-SA 4.0); code: Apache-2.0"
+SUMMARIES = {
+    "pocket-sd": "Stable Diffusion in miniature (VAE + CLIP text encoder + cross-attention UNet), 32x32, text-to-image",
+    "pocket-stylegan2": "StyleGAN2 (rosinality layout), 32x32, unconditional",
+    "eval-encoder": "CNN image encoder (SimCLR + group classification): the default feature space for metrics",
+}
+
+
+def to_fp16(folder: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    for path in folder.glob("*.safetensors"):
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(path).items()}
+        save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def copy_model(name: str, run: Path) -> Path:
+    _, _, shipped = zoo.MODELS[name]
+    destination = zoo.WEIGHTS / name
+    shutil.rmtree(destination, ignore_errors=True)
+    shutil.copytree(run / shipped, destination)
+    if name == "pocket-sd":
+        # transformers keeps a checkpoint's dtype, so the text encoder stays fp32 (it is small).
+        for part in ("unet", "vae"):
+            to_fp16(destination / part)
+    if name == "pocket-stylegan2":
+        (destination / "generator.safetensors").unlink(missing_ok=True)  # adaptation starts from G_ema
+        to_fp16(destination)
+    return destination
+
+
+def parameter_count(folder: Path) -> int:
+    from safetensors.torch import load_file
+
+    return sum(t.numel() for path in folder.rglob("*.safetensors") for t in load_file(path).values())
+
+
+def generate(name: str, folder: Path, n: int, seed: int = 0):
+    """n samples of a generator, and the captions used (pocket-sd: source captions, cycled)."""
+    if name == "pocket-sd":
+        from genadapt.families import diffusion
+
+        model = diffusion.load(str(folder))
+        source = load_dataset("builtin:openmoji/source")
+        order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:n]
+        prompts = [source.captions[i] for i in order]
+        return diffusion.sample(model, prompts, steps=25, guidance=4.0, seed=seed, progress=True), prompts
+    from genadapt.families.stylegan2 import load_stylegan2, sample
+
+    g_ema, _, _ = load_stylegan2(folder)
+    return sample(g_ema, n, seed), None
+
+
+def quality(name: str, folder: Path, n: int) -> tuple[dict, torch.Tensor, list | None]:
+    extractor = get_extractor("pocket")
+    images, prompts = generate(name, folder, n)
+    source = load_dataset("builtin:openmoji/source")
+    feats_fake = cached_features(extractor, images.clamp(-1, 1))
+    feats_real = cached_features(extractor, source)
+    result = {
+        "samples": n,
+        "reference": f"builtin:openmoji/source ({len(source)} images; the model's own training split)",
+        "features": extractor.extractor_id,
+        "kid": metrics.kid_with_ci(feats_fake, feats_real),
+        "fid": metrics.fid_with_ci(feats_fake, feats_real),
+        "precision_recall": metrics.precision_recall(feats_real, feats_fake),
+    }
+    # Scale: what real images of the same count score against the same reference.
+    real_subset = feats_real[torch.randperm(len(feats_real), generator=torch.Generator().manual_seed(1))[:n]]
+    result["real_images_same_n"] = {"kid": metrics.kid(real_subset, feats_real), "fid": metrics.fid(real_subset, feats_real)}
+    return result, images, prompts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("name", choices=list(zoo.MODELS))
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--train-minutes", type=float, required=True, help="wall time of the pretraining run")
+    parser.add_argument("--samples", type=int, default=500)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    folder = copy_model(args.name, args.run)
+    config = yaml.safe_load((args.run / "config.yaml").read_text())
+    manifest = json.loads((args.run / "manifest.json").read_text())
+    card = {
+        "name": args.name,
+        "summary": SUMMARIES[args.name],
+        "parameters": parameter_count(folder),
+        "resolution": 32,
+        "training_data": {role: {"name": d["name"], "count": d["count"], "sha256": d["sha256"]} for role, d in manifest["data"].items()},
+        "training_wall_minutes": args.train_minutes,
+        "machine": "2-core x86 CPU (shared with other jobs), no GPU",
+        "license": LICENSE,
+        "reproduce": f"genadapt pretrain {args.name} --out DIR",
+        "config": config,
+        "versions": manifest["versions"],
+        "shipped": str(date.today()),
+    }
+    DOCS.mkdir(parents=True, exist_ok=True)
+    if args.name == "eval-encoder":
+        card["quality"] = json.loads((args.run / "metrics.json").read_text())
+    else:
+        card["quality"], images, prompts = quality(args.name, folder, args.samples)
+        grid = save_grid(images[:64], DOCS / f"{args.name}-samples.png", columns=8, scale=3)
+        card["sample_grid"] = str(grid.relative_to(ROOT))
+        if prompts:
+            card["sample_prompts"] = prompts[:64]
+    (folder / "card.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
+    print(json.dumps({k: card[k] for k in ("name", "parameters", "quality")}, indent=2, default=str)[:3000])
+
+
+if __name__ == "__main__":
+    main()
