@@ -240,5 +240,45 @@ def evaluate(
     typer.echo(out / "report.html")
 
 
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise UserError(f"{flag} {text}: use comma-separated integers, e.g. {flag} 1,5,10") from None
+    if not values or values[0] < 1:
+        raise UserError(f"{flag} {text}: shot counts must be >= 1")
+    return values
+
+
+@app.command()
+@user_errors
+def compare(
+    base: str = typer.Option("pocket-sd", help="The pretrained model to adapt."),
+    data: str = typer.Option(..., help="Folder or builtin spec; shots are drawn from it deterministically."),
+    reference: str = typer.Option(..., help="Held-out real images of the target, for evaluation."),
+    shots: str = typer.Option("1,5,10", help="Comma-separated shot counts."),
+    techniques: str = typer.Option("lora,embedding,freeze,full,ewc", help="Comma-separated: full, freeze, lora, embedding, ewc, relational, prior, feature."),
+    budget_minutes: float = typer.Option(15.0, help="Wall-clock budget; steps per run are planned from a timing probe."),
+    samples: int = typer.Option(64, help="Generated images per run for evaluation."),
+    caption: Optional[str] = typer.Option(None, help="Prompt for images without a caption of their own."),
+    seed: int = typer.Option(0, help="Seed for shots, training and sampling."),
+    out: Path = typer.Option(Path("runs/compare"), help="Folder for runs, results.json and report.html; rerun to resume."),
+) -> None:
+    """Run every technique at every shot count, evaluate, and recommend one per data budget."""
+    from genadapt.recipes.compare import CompareSettings, compare as run_compare
+
+    settings = CompareSettings(
+        base=base, data=data, reference=reference, out=out, shots=_int_list(shots, "--shots"),
+        techniques=[t.strip() for t in techniques.split(",") if t.strip()], budget_minutes=budget_minutes,
+        samples=samples, seed=seed, caption=caption,
+    )
+    results = run_compare(settings)
+    from genadapt.eval.report import verdict
+
+    for line in verdict(results):
+        typer.echo(line.replace("<b>", "").replace("</b>", "").replace("<i>", "").replace("</i>", ""))
+    typer.echo(out / "report.html")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -31,10 +31,14 @@ def samples_from_run(run: Path, n: int, seed: int = 0, steps: int = 25, guidance
     from genadapt import api
     from genadapt.grid import to_uint8
 
+    from genadapt.families import diffusion
+
     manifest = json.loads((run / "manifest.json").read_text())
     model = api.load_run_model(str(run))
-    captions = model.extras.get("captions") or [item["caption"] for item in manifest["data"]["train"]["items"]]
-    from genadapt.families import diffusion
+    if (run / "prompts.json").is_file():
+        captions = json.loads((run / "prompts.json").read_text())
+    else:
+        captions = [item["caption"] for item in manifest["data"]["train"]["items"]]
 
     prompts = [captions[i % len(captions)] for i in range(n)]
     pixels = to_uint8(diffusion.sample(model, prompts, steps=steps, guidance=guidance, seed=seed, progress=True))

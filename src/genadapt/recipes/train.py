@@ -199,6 +199,7 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
         with (out / "log.jsonl").open("w") as handle:
             handle.writelines(json.dumps(record) + "\n" for record in history)
         write_json(out / "summary.json", summary)
+        write_json(out / "prompts.json", captions)  # what the run trained on, token included: how to sample it
     accelerator.wait_for_everyone()
     summary["model"] = model
     return summary

@@ -1,0 +1,252 @@
+"""`genadapt compare`: every technique at every shot count on the user's data, evaluated, reported.
+
+The plan: a short timing probe per technique sets one step count for all runs that fits the
+budget (equal steps keep the comparison fair); runs that cannot fit are dropped and listed.
+Each run is an ordinary `adapt` run folder, evaluated against the reference with the shots as
+training set; the unadapted base is the baseline. A killed compare resumes: finished runs keep
+their `eval.json`, an interrupted run resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from genadapt.config import AdaptConfig
+from genadapt.errors import UserError
+from genadapt.runs import write_json
+
+# A compare "technique": the parameter technique and loss techniques it stands for.
+RECIPES = {
+    "full": {"train": "full"},
+    "freeze": {"train": "freeze", "preset": "attention"},
+    "lora": {"train": "lora", "rank": 4},
+    "embedding": {"train": "embedding", "vectors": 2},
+    "ewc": {"train": "full", "loss": ["ewc"]},
+    "relational": {"train": "full", "loss": ["relational"]},
+    "prior": {"train": "full", "loss": ["prior"]},
+    "feature": {"train": "full", "loss": ["feature"]},
+}
+# Learning rates for short CPU budgets: a few hundred steps, not the thousands of the GPU recipes.
+COMPARE_LR = {"full": 1e-4, "freeze": 2e-4, "lora": 1e-3, "embedding": 5e-3}
+
+
+@dataclass
+class ComparePlan:
+    techniques: list[str]
+    shots: list[int]
+    steps: int
+    seconds_per_step: dict[str, float]
+    seconds_per_sample: float
+    runs: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    estimated_minutes: float = 0.0
+
+
+@dataclass
+class CompareSettings:
+    base: str
+    data: str
+    reference: str
+    out: Path
+    shots: list[int]
+    techniques: list[str]
+    budget_minutes: float = 15.0
+    min_steps: int = 20
+    max_steps: int = 400
+    batch_size: int = 4
+    samples: int = 64
+    seed: int = 0
+    caption: str | None = None
+    probe_steps: int = 2
+
+
+def run_name(technique: str, shots: int) -> str:
+    return f"{technique}-{shots}shot"
+
+
+def adapt_config(settings: CompareSettings, technique: str, shots: int, steps: int, out: Path) -> AdaptConfig:
+    recipe = dict(RECIPES[technique])
+    values = {
+        "base": settings.base,
+        "data": settings.data,
+        "shots": shots,
+        "seed": settings.seed,
+        "steps": steps,
+        "batch_size": min(settings.batch_size, max(3, shots)) if "relational" in recipe.get("loss", []) else settings.batch_size,
+        "learning_rate": COMPARE_LR[recipe["train"]],
+        "checkpointing_steps": max(10, steps // 4),
+        "num_validation_images": 8,
+        "num_class_images": 16,
+        "ewc_samples": 16,
+        "caption": settings.caption,
+        "token": "<target>",
+        "out": out,
+        **recipe,
+    }
+    return AdaptConfig(**values)
+
+
+def probe(settings: CompareSettings, scratch: Path) -> tuple[dict[str, float], float]:
+    """Seconds per training step of each technique, and seconds per generated sample."""
+    from genadapt.api import adapt
+    from genadapt.families import diffusion
+
+    per_step = {}
+    for technique in settings.techniques:
+        config = adapt_config(settings, technique, min(settings.shots), settings.probe_steps, scratch / technique)
+        config.num_validation_images = 1
+        config.sample_steps = 1
+        started = time.time()
+        adapt(config)
+        summary = json.loads((scratch / technique / "summary.json").read_text())
+        # Setup (loading, encoding, Fisher, class images) is paid once per run: spread it over the probe's steps.
+        per_step[technique] = summary["train_seconds"] / settings.probe_steps
+        per_step[technique + ":setup"] = time.time() - started - summary["train_seconds"]
+    model = diffusion.load(settings.base)
+    started = time.time()
+    diffusion.sample(model, ["probe"] * 4, steps=25, seed=0)
+    return per_step, (time.time() - started) / 4
+
+
+def make_plan(settings: CompareSettings, per_step: dict[str, float], per_sample: float) -> ComparePlan:
+    """One step count for every run that fits the budget; the most expensive runs are dropped first."""
+    runs = [(t, s) for t in settings.techniques for s in settings.shots]
+    budget = settings.budget_minutes * 60
+
+    def cost(selected, steps):
+        eval_seconds = (len(selected) + 1) * settings.samples * per_sample
+        return sum(per_step[t] * steps + per_step[t + ":setup"] for t, _ in selected) + eval_seconds
+
+    dropped = []
+    while runs:
+        fixed = cost(runs, 0)
+        steps = int((budget - fixed) / max(1e-9, sum(per_step[t] for t, _ in runs)))
+        if steps >= settings.min_steps:
+            steps = min(steps, settings.max_steps)
+            break
+        worst = max(runs, key=lambda run: (per_step[run[0]], run[1]))
+        runs.remove(worst)
+        dropped.append(f"{run_name(*worst)} (at least {settings.min_steps} steps for every run did not fit {settings.budget_minutes:g} min)")
+    else:
+        raise UserError(f"--budget-minutes {settings.budget_minutes:g} fits no run; the probe measured {per_step}; raise the budget")
+    return ComparePlan(
+        techniques=settings.techniques,
+        shots=settings.shots,
+        steps=steps,
+        seconds_per_step={k: round(v, 4) for k, v in per_step.items()},
+        seconds_per_sample=round(per_sample, 4),
+        runs=[run_name(t, s) for t, s in runs],
+        dropped=dropped,
+        estimated_minutes=round(cost(runs, steps) / 60, 2),
+    )
+
+
+def compare(settings: CompareSettings) -> dict:
+    """Plan, run, evaluate, report. Returns the results dict written to results.json."""
+    from tqdm.auto import tqdm
+
+    from genadapt.api import adapt
+    from genadapt.data import load_dataset
+    from genadapt.eval.evaluate import evaluate, samples_from_run
+    from genadapt.eval.report import write_compare_report
+
+    unknown = [t for t in settings.techniques if t not in RECIPES]
+    if unknown:
+        raise UserError(f"--techniques {unknown[0]}: unknown; choose from {', '.join(RECIPES)}")
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan_path = out / "plan.json"
+    if plan_path.is_file():
+        plan = ComparePlan(**json.loads(plan_path.read_text()))  # resume: keep the plan the finished runs used
+    else:
+        probe_started = time.time()
+        per_step, per_sample = probe(settings, out / "probe")
+        probe_minutes = (time.time() - probe_started) / 60
+        remaining = CompareSettings(**{**asdict(settings), "budget_minutes": settings.budget_minutes - probe_minutes})
+        plan = make_plan(remaining, per_step, per_sample)
+        write_json(plan_path, asdict(plan))
+    write_json(out / "settings.json", {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()})
+
+    reference = load_dataset(settings.reference, resolution=32)
+    results = {"settings": json.loads((out / "settings.json").read_text()), "plan": asdict(plan), "runs": {}}
+    started = time.time()
+    bar = tqdm(total=len(plan.runs) + 1, desc="compare", unit="run")
+    baseline_path = out / "base" / "eval.json"
+    if not baseline_path.is_file():
+        from genadapt.families import diffusion
+        from genadapt.grid import to_uint8
+        from genadapt.data.imageset import ImageRecord, ImageSet, pixel_hash
+
+        shots = load_dataset(settings.data, resolution=32, shots=max(settings.shots), seed=settings.seed, caption=settings.caption)
+        prompts = [shots.captions[i % len(shots)] for i in range(settings.samples)]
+        pixels = to_uint8(diffusion.sample(diffusion.load(settings.base), prompts, seed=settings.seed, progress=True))
+        samples = ImageSet("base", pixels, [ImageRecord(f"base-{i}", p, sha256=pixel_hash(x)) for i, (p, x) in enumerate(zip(prompts, pixels))])
+        evaluation = evaluate(samples, reference, shots, out=out / "base")
+        write_json(baseline_path, {"technique": "base", "shots": max(settings.shots), "evaluation": evaluation})
+    results["runs"]["base"] = json.loads(baseline_path.read_text())
+    bar.update(1)
+    for name in plan.runs:
+        technique, shots = name.rsplit("-", 1)[0], int(name.rsplit("-", 1)[1].replace("shot", ""))
+        run = out / "runs" / name
+        eval_path = run / "eval.json"
+        if not eval_path.is_file():
+            run_started = time.time()
+            config = adapt_config(settings, technique, shots, plan.steps, run)
+            adapt(config)
+            train_shots = load_dataset(settings.data, resolution=32, shots=shots, seed=settings.seed)
+            samples = samples_from_run(run, settings.samples, settings.seed)
+            evaluation = evaluate(samples, reference, train_shots, out=run / "eval")
+            summary = json.loads((run / "summary.json").read_text())
+            write_json(
+                eval_path,
+                {
+                    "technique": technique,
+                    "shots": shots,
+                    "steps": plan.steps,
+                    "trainable_parameters": summary["trainable_parameters"],
+                    "artifact_bytes": summary["artifact_bytes"],
+                    "cpu_minutes": round((time.time() - run_started) / 60, 2),
+                    "train_minutes": round(summary["train_seconds"] / 60, 2),
+                    "evaluation": evaluation,
+                },
+            )
+        results["runs"][name] = json.loads(eval_path.read_text())
+        bar.update(1)
+    bar.close()
+    results["recommendation"] = recommend(results, plan)
+    results["wall_minutes_this_session"] = round((time.time() - started) / 60, 2)
+    write_json(out / "results.json", results)
+    write_compare_report(results, out)
+    return results
+
+
+def recommend(results: dict, plan: ComparePlan) -> list[dict]:
+    """Per shot count: the lowest KID, unless its CI overlaps the runner-up's (too close to call)."""
+    advice = []
+    for shots in plan.shots:
+        candidates = [
+            (name, r) for name, r in results["runs"].items() if name != "base" and r["shots"] == shots
+        ]
+        if not candidates:
+            continue
+        ranked = sorted(candidates, key=lambda item: item[1]["evaluation"]["kid"]["value"])
+        best_name, best = ranked[0]
+        kid = best["evaluation"]["kid"]
+        entry = {
+            "shots": shots,
+            "technique": best["technique"],
+            "kid": kid,
+            "copy_rate": best["evaluation"].get("memorisation", {}).get("copy_rate"),
+            "too_close_to_call_with": [],
+        }
+        for name, other in ranked[1:]:
+            other_kid = other["evaluation"]["kid"]
+            if other_kid["ci_low"] <= kid["ci_high"]:
+                entry["too_close_to_call_with"].append(other["technique"])
+        base_kid = results["runs"]["base"]["evaluation"]["kid"]
+        entry["beats_base"] = kid["ci_high"] < base_kid["ci_low"]
+        advice.append(entry)
+    return advice

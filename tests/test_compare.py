@@ -1,0 +1,50 @@
+"""compare: a complete results.json and report, and a killed compare resumes without redoing runs."""
+
+import json
+
+import pytest
+
+from diffusion_fixtures import build_tiny_pipeline
+from genadapt.recipes.compare import CompareSettings, ComparePlan, compare, make_plan
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return str(build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd")))
+
+
+def _settings(base, out):
+    return CompareSettings(
+        base=base, data="builtin:digits/3", reference="builtin:digits/3", out=out, shots=[2, 4],
+        techniques=["lora", "embedding"], budget_minutes=30, min_steps=2, max_steps=3, samples=8, probe_steps=1, batch_size=2,
+    )
+
+
+def test_compare_writes_complete_results_and_resumes(base, tmp_path):
+    results = compare(_settings(base, tmp_path))
+    assert set(results["runs"]) == {"base", "lora-2shot", "lora-4shot", "embedding-2shot", "embedding-4shot"}
+    for run in results["runs"].values():
+        evaluation = run["evaluation"]
+        assert {"kid", "fid", "precision_recall", "memorisation", "intra_cluster_diversity"} <= set(evaluation)
+    assert [advice["shots"] for advice in results["recommendation"]] == [2, 4]
+    report = (tmp_path / "report.html").read_text()
+    assert "Which technique fits this data?" in report and "shots-2.png" in report
+    for name in ("lora-2shot", "embedding-4shot"):
+        assert (tmp_path / "runs" / name / "eval" / "samples.png").is_file()
+
+    finished = tmp_path / "runs" / "lora-2shot" / "eval.json"
+    stamp = finished.stat().st_mtime_ns
+    (tmp_path / "runs" / "embedding-4shot" / "eval.json").unlink()  # as if killed during that run
+    again = compare(_settings(base, tmp_path))
+    assert finished.stat().st_mtime_ns == stamp
+    assert (tmp_path / "runs" / "embedding-4shot" / "eval.json").is_file()
+    assert json.loads((tmp_path / "results.json").read_text())["plan"] == again["plan"]
+
+
+def test_plan_drops_the_most_expensive_runs_first(tmp_path):
+    settings = CompareSettings(base="x", data="x", reference="x", out=tmp_path, shots=[1, 10], techniques=["lora", "full"], budget_minutes=1, min_steps=50, samples=0)
+    per_step = {"lora": 0.1, "lora:setup": 1.0, "full": 1.0, "full:setup": 1.0}
+    plan = make_plan(settings, per_step, per_sample=0.0)
+    assert isinstance(plan, ComparePlan) and plan.steps >= 50
+    assert plan.dropped and all(name.startswith("full") for name in (d.split()[0] for d in plan.dropped))
+    assert all(run.startswith("lora") for run in plan.runs)
