@@ -280,5 +280,37 @@ def compare(
     typer.echo(out / "report.html")
 
 
+@app.command()
+@user_errors
+def demo(
+    quick: bool = typer.Option(False, "--quick", help="About 3 minutes: two techniques, fewer samples."),
+    out: Path = typer.Option(Path("runs/demo"), help="Where the runs and report.html go; rerun to resume."),
+    target: str = typer.Option("flags", help="Held-out OpenMoji target domain: flags (far) or dark-skin (near)."),
+) -> None:
+    """The main job on built-in data: compare techniques on 10 shots of a held-out OpenMoji domain."""
+    from genadapt.recipes.compare import CompareSettings, compare as run_compare
+
+    if target not in ("flags", "dark-skin"):
+        raise UserError(f"--target {target}: choose flags or dark-skin")
+    settings = CompareSettings(
+        base="pocket-sd",
+        data=f"builtin:openmoji/{target}",
+        reference=f"builtin:openmoji/{target}/reference",
+        out=out / ("quick" if quick else "full"),
+        shots=[10],
+        techniques=["lora", "embedding"] if quick else ["lora", "embedding", "freeze", "full", "ewc"],
+        budget_minutes=3.0 if quick else 15.0,
+        samples=32 if quick else 64,
+        min_steps=10 if quick else 50,
+        probe_steps=1 if quick else 2,
+    )
+    results = run_compare(settings)
+    from genadapt.eval.report import verdict
+
+    for line in verdict(results):
+        typer.echo(line.replace("<b>", "").replace("</b>", "").replace("<i>", "").replace("</i>", ""))
+    typer.echo(f"report: {settings.out / 'report.html'}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())
