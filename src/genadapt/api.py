@@ -11,11 +11,17 @@ def adapt(config: AdaptConfig | None = None, **values) -> Path:
     """Adapt a pretrained generator to a small image set; returns the run folder.
 
     >>> adapt(base="pocket-sd", data="builtin:openmoji/flags?shots=10", train="lora", steps=200, out="runs/flags-lora")
+    >>> adapt(base="pocket-stylegan2", data="builtin:openmoji/flags?shots=10", train="freeze", freeze_d=2, loss=["cdc"], out="runs/flags-cdc")
     """
-    from genadapt.recipes.train import adapt_diffusion
-
     config = config or AdaptConfig(**values)
-    adapt_diffusion(config)
+    if config.family == "gan":  # pocket-stylegan2, a StyleGAN2 model folder, or a rosinality .pt
+        from genadapt.recipes.train_gan import adapt_gan
+
+        adapt_gan(config)
+    else:
+        from genadapt.recipes.train import adapt_diffusion
+
+        adapt_diffusion(config)
     return Path(config.out)
 
 

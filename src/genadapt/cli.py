@@ -134,12 +134,12 @@ def zoo_show(name: str = typer.Argument(..., help="A zoo model name.")) -> None:
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
 @user_errors
 def adapt(
-    base: Optional[str] = typer.Option(None, help="pocket-sd, a diffusers pipeline folder, or a hub id.  [default: pocket-sd]"),
+    base: Optional[str] = typer.Option(None, help="pocket-sd, pocket-stylegan2, a diffusers pipeline folder, a StyleGAN2 model folder or rosinality .pt, or a hub id.  [default: pocket-sd]"),
     data: Optional[str] = typer.Option(None, "--data", "--instance-data-dir", "--train-data-dir", help="Folder of images or builtin:... spec."),
     caption: Optional[str] = typer.Option(None, "--caption", "--instance-prompt", help="Prompt for images without a caption of their own."),
     shots: Optional[int] = typer.Option(None, help="Use a deterministic k-shot subset of the data."),
-    train: Optional[str] = typer.Option(None, help="full | freeze | lora | embedding.  [default: lora]"),
-    loss: Optional[list[str]] = typer.Option(None, help="Extra loss NAME[:WEIGHT] (repeatable): prior, ewc, relational, feature."),
+    train: Optional[str] = typer.Option(None, help="full | freeze | lora | embedding (GAN: latent miner).  [default: lora; GAN: freeze]"),
+    loss: Optional[list[str]] = typer.Option(None, help="Extra loss NAME[:WEIGHT] (repeatable): diffusion prior, ewc, relational, feature; GAN ewc, cdc, l2sp, feature."),
     with_prior_preservation: bool = typer.Option(False, "--with-prior-preservation", help="Same as --loss prior (DreamBooth)."),
     steps: Optional[int] = typer.Option(None, "--steps", "--max-train-steps", help="Optimisation steps.  [default: 200]"),
     learning_rate: Optional[float] = typer.Option(None, "--learning-rate", "--lr", help="Default per technique: full/freeze 1e-5, lora 1e-4, embedding 5e-3."),
@@ -165,6 +165,11 @@ def adapt(
     checkpointing_steps: Optional[int] = typer.Option(None, help="Checkpoint every N steps (atomic; rerun to resume).  [default: 100]"),
     sample_every: Optional[int] = typer.Option(None, help="Write a sample grid every N steps (0: only at the end)."),
     validation_prompt: Optional[str] = typer.Option(None, help="Prompt for sample grids.  [default: the training captions]"),
+    freeze_d: Optional[int] = typer.Option(None, "--freeze-d", help="GAN: FreezeD, the discriminator's first N blocks stay frozen."),
+    r1_gamma: Optional[float] = typer.Option(None, "--r1-gamma", help="GAN: R1 weight.  [default: the base's pretraining value, else 10]"),
+    augment: Optional[str] = typer.Option(None, help="none | diffaugment[:policy] | ada[:target].  [default: diffusion none, GAN diffaugment]"),
+    ewc_samples: Optional[int] = typer.Option(None, help="Generated samples for the EWC Fisher.  [default: diffusion 32, GAN 1024]"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="GAN: read a rosinality .pt base (with torch.load weights_only=True)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML or TOML file with any of these settings; flags override it."),
     out: Optional[Path] = typer.Option(None, "--out", "--output-dir", help="Run folder."),
 ) -> None:
@@ -185,6 +190,8 @@ def adapt(
         "token": token, "init_token": init_token, "vectors": vectors, "prior_prompt": prior_prompt,
         "num_class_images": num_class_images, "checkpointing_steps": checkpointing_steps,
         "sample_every": sample_every, "validation_prompt": validation_prompt, "out": out,
+        "freeze_d": freeze_d, "r1_gamma": r1_gamma, "augment": augment, "ewc_samples": ewc_samples,
+        "allow_pickle": allow_pickle or None,
     }
     settings = build_config(AdaptConfig, read_config_file(config) if config else {}, given)
     typer.echo(run_adapt(settings))
@@ -300,7 +307,8 @@ def demo(
         shots=[10],
         techniques=["lora", "embedding"] if quick else ["lora", "embedding", "freeze", "full", "ewc"],
         budget_minutes=3.0 if quick else 15.0,
-        samples=32 if quick else 64,
+        samples=24 if quick else 64,
+        sample_steps=15 if quick else 25,
         min_steps=10 if quick else 50,
         probe_steps=1 if quick else 2,
     )

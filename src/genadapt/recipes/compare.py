@@ -61,6 +61,7 @@ class CompareSettings:
     seed: int = 0
     caption: str | None = None
     probe_steps: int = 2
+    sample_steps: int = 25  # DDIM steps for evaluation samples
 
 
 def run_name(technique: str, shots: int) -> str:
@@ -78,7 +79,8 @@ def adapt_config(settings: CompareSettings, technique: str, shots: int, steps: i
         "batch_size": min(settings.batch_size, max(3, shots)) if "relational" in recipe.get("loss", []) else settings.batch_size,
         "learning_rate": COMPARE_LR[recipe["train"]],
         "checkpointing_steps": max(10, steps // 4),
-        "num_validation_images": 8,
+        "num_validation_images": 4,
+        "sample_steps": 10,
         "num_class_images": 16,
         "ewc_samples": 16,
         "caption": settings.caption,
@@ -94,6 +96,12 @@ def probe(settings: CompareSettings, scratch: Path) -> tuple[dict[str, float], f
     from genadapt.api import adapt
     from genadapt.families import diffusion
 
+    from genadapt.data import load_dataset
+
+    # One-off costs (rendering a built-in set, first model load) must not count as per-run setup.
+    load_dataset(settings.data, resolution=32)
+    load_dataset(settings.reference, resolution=32)
+    diffusion.load(settings.base)
     per_step = {}
     for technique in settings.techniques:
         config = adapt_config(settings, technique, min(settings.shots), settings.probe_steps, scratch / technique)
@@ -107,8 +115,8 @@ def probe(settings: CompareSettings, scratch: Path) -> tuple[dict[str, float], f
         per_step[technique + ":setup"] = time.time() - started - summary["train_seconds"]
     model = diffusion.load(settings.base)
     started = time.time()
-    diffusion.sample(model, ["probe"] * 4, steps=25, seed=0)
-    return per_step, (time.time() - started) / 4
+    diffusion.sample(model, ["probe"] * 16, steps=settings.sample_steps, seed=0)
+    return per_step, (time.time() - started) / 16
 
 
 def make_plan(settings: CompareSettings, per_step: dict[str, float], per_sample: float) -> ComparePlan:
@@ -131,7 +139,8 @@ def make_plan(settings: CompareSettings, per_step: dict[str, float], per_sample:
         runs.remove(worst)
         dropped.append(f"{run_name(*worst)} (at least {settings.min_steps} steps for every run did not fit {settings.budget_minutes:g} min)")
     else:
-        raise UserError(f"--budget-minutes {settings.budget_minutes:g} fits no run; the probe measured {per_step}; raise the budget")
+        probe = ", ".join(f"{k} {v:.2f}s" for k, v in per_step.items())
+        raise UserError(f"--budget-minutes {settings.budget_minutes:g} fits no run (probe: {probe}, {per_sample:.2f}s per sample); raise the budget")
     return ComparePlan(
         techniques=settings.techniques,
         shots=settings.shots,
@@ -182,7 +191,7 @@ def compare(settings: CompareSettings) -> dict:
 
         shots = load_dataset(settings.data, resolution=32, shots=max(settings.shots), seed=settings.seed, caption=settings.caption)
         prompts = [shots.captions[i % len(shots)] for i in range(settings.samples)]
-        pixels = to_uint8(diffusion.sample(diffusion.load(settings.base), prompts, seed=settings.seed, progress=True))
+        pixels = to_uint8(diffusion.sample(diffusion.load(settings.base), prompts, steps=settings.sample_steps, seed=settings.seed, progress=True))
         samples = ImageSet("base", pixels, [ImageRecord(f"base-{i}", p, sha256=pixel_hash(x)) for i, (p, x) in enumerate(zip(prompts, pixels))])
         evaluation = evaluate(samples, reference, shots, out=out / "base")
         write_json(baseline_path, {"technique": "base", "shots": max(settings.shots), "evaluation": evaluation})
@@ -197,7 +206,7 @@ def compare(settings: CompareSettings) -> dict:
             config = adapt_config(settings, technique, shots, plan.steps, run)
             adapt(config)
             train_shots = load_dataset(settings.data, resolution=32, shots=shots, seed=settings.seed)
-            samples = samples_from_run(run, settings.samples, settings.seed)
+            samples = samples_from_run(run, settings.samples, settings.seed, steps=settings.sample_steps)
             evaluation = evaluate(samples, reference, train_shots, out=run / "eval")
             summary = json.loads((run / "summary.json").read_text())
             write_json(

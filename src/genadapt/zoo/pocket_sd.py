@@ -350,6 +350,19 @@ def sample_prompts(pipeline, prompts: list[str], per_prompt: int = 1, steps: int
     return torch.cat(rows)
 
 
+def pipeline_from_checkpoint(out: Path, config: PocketSDConfig):
+    """The EMA model of an unfinished run, as a pipeline: look at (or use) a run before it ends."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
+    state = load_torch(out / "checkpoints" / "unet-state.pt")
+    text_encoder, unet = build_text_encoder(config, len(tokenizer)), build_unet(config)
+    text_encoder.load_state_dict(state["ema_text"])
+    unet.load_state_dict(state["ema_unet"])
+    return make_pipeline(AutoencoderKL.from_pretrained(out / "vae"), text_encoder, tokenizer, unet), state["step"]
+
+
 def pretrain(out: Path, config: PocketSDConfig | None = None) -> Path:
     """Every stage, resumable; returns the diffusers pipeline folder `out/pipeline`."""
     from transformers import CLIPTokenizer
