@@ -48,3 +48,19 @@ def test_plan_drops_the_most_expensive_runs_first(tmp_path):
     assert isinstance(plan, ComparePlan) and plan.steps >= 50
     assert plan.dropped and all(name.startswith("full") for name in (d.split()[0] for d in plan.dropped))
     assert all(run.startswith("lora") for run in plan.runs)
+
+
+def test_compare_runs_gan_techniques_too(tmp_path):
+    from genadapt.families.stylegan2 import save_stylegan2
+    from genadapt.zoo.pocket_stylegan2 import PocketStyleGAN2Config, build
+
+    tiny = PocketStyleGAN2Config(size=32, style_dim=16, n_mlp=2, channels={4: 16, 8: 16, 16: 8, 32: 8})
+    _, discriminator, g_ema = build(tiny)
+    save_stylegan2(tmp_path / "gan", g_ema, discriminator, tiny.generator_kwargs(), tiny.discriminator_kwargs(), extra={"pretraining": {"r1_gamma": 1.0}})
+    settings = CompareSettings(
+        base=str(tmp_path / "gan"), data="builtin:digits/3", reference="builtin:digits/3", out=tmp_path / "cmp", shots=[4],
+        techniques=["freeze", "cdc"], budget_minutes=30, min_steps=2, max_steps=3, samples=8, probe_steps=1, batch_size=4,
+    )
+    results = compare(settings)
+    assert set(results["runs"]) == {"base", "freeze-4shot", "cdc-4shot"}
+    assert results["runs"]["cdc-4shot"]["evaluation"]["memorisation"]["copy_rate"] >= 0

@@ -24,26 +24,48 @@ def _resolution_for(features) -> int:
     return 299 if isinstance(features, str) and features.startswith("inception:") else 32
 
 
-def samples_from_run(run: Path, n: int, seed: int = 0, steps: int = 25, guidance: float = 4.0) -> ImageSet:
-    """n images from an adapted run (diffusion), prompts cycled over its training captions."""
-    import json
-
-    from genadapt import api
+def _image_set(name: str, images, prompts: list[str] | None) -> ImageSet:
     from genadapt.grid import to_uint8
 
+    pixels = to_uint8(images)
+    prompts = prompts or [""] * len(pixels)
+    records = [ImageRecord(id=f"sample-{i:04d}", caption=p, sha256=pixel_hash(x)) for i, (p, x) in enumerate(zip(prompts, pixels))]
+    return ImageSet(name, pixels, records)
+
+
+def samples_from_base(base: str, n: int, prompts: list[str], seed: int = 0, steps: int = 25) -> ImageSet:
+    """n images from an unadapted base (the baseline), prompts cycled (ignored by GANs)."""
+    from genadapt.families import gan
+
+    if gan.is_gan_base(base):
+        return _image_set(f"{base}#samples(seed={seed})", gan.sample(gan.load(base), n, seed), None)
     from genadapt.families import diffusion
 
+    prompts = [prompts[i % len(prompts)] for i in range(n)]
+    images = diffusion.sample(diffusion.load(base), prompts, steps=steps, seed=seed, progress=True)
+    return _image_set(f"{base}#samples(seed={seed})", images, prompts)
+
+
+def samples_from_run(run: Path, n: int, seed: int = 0, steps: int = 25, guidance: float = 4.0) -> ImageSet:
+    """n images from an adapted run; diffusion prompts cycle over the captions it trained on."""
+    import json
+
+    import yaml
+
+    from genadapt import api
+    from genadapt.families import diffusion, gan
+
+    name = f"{run}#samples(seed={seed})"
+    if yaml.safe_load((run / "config.yaml").read_text()).get("family") == "gan":
+        return _image_set(name, gan.sample(gan.load_run(run), n, seed), None)
     manifest = json.loads((run / "manifest.json").read_text())
-    model = api.load_run_model(str(run))
     if (run / "prompts.json").is_file():
         captions = json.loads((run / "prompts.json").read_text())
     else:
         captions = [item["caption"] for item in manifest["data"]["train"]["items"]]
-
     prompts = [captions[i % len(captions)] for i in range(n)]
-    pixels = to_uint8(diffusion.sample(model, prompts, steps=steps, guidance=guidance, seed=seed, progress=True))
-    records = [ImageRecord(id=f"sample-{i:04d}", caption=p, sha256=pixel_hash(x)) for i, (p, x) in enumerate(zip(prompts, pixels))]
-    return ImageSet(f"{run}#samples(seed={seed})", pixels, records)
+    model = api.load_run_model(str(run))
+    return _image_set(name, diffusion.sample(model, prompts, steps=steps, guidance=guidance, seed=seed, progress=True), prompts)
 
 
 def load_eval_images(spec: str, resolution: int, n: int | None = None, seed: int = 0) -> ImageSet:

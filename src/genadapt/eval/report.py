@@ -53,10 +53,10 @@ def _loss_curve(run: Path) -> str:
     if not path.is_file():
         return ""
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    names = [k for k in records[0] if k not in ("step",)] if records else []
+    names = [k for k, v in records[0].items() if k != "step" and isinstance(v, (int, float))] if records else []
     series = {}
     for name in names:
-        values = [(r["step"], r[name]) for r in records if name in r]
+        values = [(r["step"], r[name]) for r in records if isinstance(r.get(name), (int, float))]
         window = max(1, len(values) // 40)  # smooth: few-shot losses are noisy
         series[name] = [(values[i][0], sum(v for _, v in values[i : i + window]) / len(values[i : i + window])) for i in range(0, len(values), window)]
     return _svg_lines(series, x_label="step", y_label="loss terms")

@@ -18,7 +18,16 @@ from genadapt.config import AdaptConfig
 from genadapt.errors import UserError
 from genadapt.runs import write_json
 
-# A compare "technique": the parameter technique and loss techniques it stands for.
+# A compare "technique": the parameter technique and loss techniques it stands for, per family.
+GAN_RECIPES = {
+    "full": {"train": "full"},  # TGAN
+    "freeze": {"train": "freeze"},  # FreezeD with its default block count
+    "lora": {"train": "lora", "rank": 4},
+    "embedding": {"train": "embedding"},  # MineGAN latent miner
+    "ewc": {"train": "full", "loss": ["ewc"]},
+    "cdc": {"train": "full", "loss": ["cdc"]},
+    "l2sp": {"train": "full", "loss": ["l2sp"]},
+}
 RECIPES = {
     "full": {"train": "full"},
     "freeze": {"train": "freeze", "preset": "attention"},
@@ -55,7 +64,7 @@ class CompareSettings:
     techniques: list[str]
     budget_minutes: float = 15.0
     min_steps: int = 20
-    max_steps: int = 400
+    max_steps: int | None = None  # None: 400 for diffusion, 1000 for GANs (CDC's ~1k iterations)
     batch_size: int = 4
     samples: int = 64
     seed: int = 0
@@ -68,8 +77,23 @@ def run_name(technique: str, shots: int) -> str:
     return f"{technique}-{shots}shot"
 
 
+def family_of(base: str) -> str:
+    from genadapt.families.gan import is_gan_base
+
+    return "gan" if is_gan_base(base) else "diffusion"
+
+
+def recipes_for(base: str) -> dict:
+    return GAN_RECIPES if family_of(base) == "gan" else RECIPES
+
+
 def adapt_config(settings: CompareSettings, technique: str, shots: int, steps: int, out: Path) -> AdaptConfig:
-    recipe = dict(RECIPES[technique])
+    recipe = dict(recipes_for(settings.base)[technique])
+    if family_of(settings.base) == "gan":
+        return AdaptConfig(
+            base=settings.base, data=settings.data, shots=shots, seed=settings.seed, steps=steps,
+            batch_size=settings.batch_size, checkpointing_steps=max(10, steps // 4), ewc_samples=64, out=out, **recipe,
+        )
     values = {
         "base": settings.base,
         "data": settings.data,
@@ -94,14 +118,14 @@ def adapt_config(settings: CompareSettings, technique: str, shots: int, steps: i
 def probe(settings: CompareSettings, scratch: Path) -> tuple[dict[str, float], float]:
     """Seconds per training step of each technique, and seconds per generated sample."""
     from genadapt.api import adapt
-    from genadapt.families import diffusion
 
     from genadapt.data import load_dataset
+    from genadapt.eval.evaluate import samples_from_base
 
     # One-off costs (rendering a built-in set, first model load) must not count as per-run setup.
     load_dataset(settings.data, resolution=32)
     load_dataset(settings.reference, resolution=32)
-    diffusion.load(settings.base)
+    samples_from_base(settings.base, 1, ["probe"], steps=1)
     per_step = {}
     for technique in settings.techniques:
         config = adapt_config(settings, technique, min(settings.shots), settings.probe_steps, scratch / technique)
@@ -113,9 +137,8 @@ def probe(settings: CompareSettings, scratch: Path) -> tuple[dict[str, float], f
         # Setup (loading, encoding, Fisher, class images) is paid once per run: spread it over the probe's steps.
         per_step[technique] = summary["train_seconds"] / settings.probe_steps
         per_step[technique + ":setup"] = time.time() - started - summary["train_seconds"]
-    model = diffusion.load(settings.base)
     started = time.time()
-    diffusion.sample(model, ["probe"] * 16, steps=settings.sample_steps, seed=0)
+    samples_from_base(settings.base, 16, ["probe"], steps=settings.sample_steps)
     return per_step, (time.time() - started) / 16
 
 
@@ -133,7 +156,7 @@ def make_plan(settings: CompareSettings, per_step: dict[str, float], per_sample:
         fixed = cost(runs, 0)
         steps = int((budget - fixed) / max(1e-9, sum(per_step[t] for t, _ in runs)))
         if steps >= settings.min_steps:
-            steps = min(steps, settings.max_steps)
+            steps = min(steps, settings.max_steps or (1000 if family_of(settings.base) == "gan" else 400))
             break
         worst = max(runs, key=lambda run: (per_step[run[0]], run[1]))
         runs.remove(worst)
@@ -162,9 +185,10 @@ def compare(settings: CompareSettings) -> dict:
     from genadapt.eval.evaluate import evaluate, samples_from_run
     from genadapt.eval.report import write_compare_report
 
-    unknown = [t for t in settings.techniques if t not in RECIPES]
+    recipes = recipes_for(settings.base)
+    unknown = [t for t in settings.techniques if t not in recipes]
     if unknown:
-        raise UserError(f"--techniques {unknown[0]}: unknown; choose from {', '.join(RECIPES)}")
+        raise UserError(f"--techniques {unknown[0]}: not a technique for {settings.base}; choose from {', '.join(recipes)}")
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     plan_path = out / "plan.json"
@@ -185,14 +209,10 @@ def compare(settings: CompareSettings) -> dict:
     bar = tqdm(total=len(plan.runs) + 1, desc="compare", unit="run")
     baseline_path = out / "base" / "eval.json"
     if not baseline_path.is_file():
-        from genadapt.families import diffusion
-        from genadapt.grid import to_uint8
-        from genadapt.data.imageset import ImageRecord, ImageSet, pixel_hash
+        from genadapt.eval.evaluate import samples_from_base
 
         shots = load_dataset(settings.data, resolution=32, shots=max(settings.shots), seed=settings.seed, caption=settings.caption)
-        prompts = [shots.captions[i % len(shots)] for i in range(settings.samples)]
-        pixels = to_uint8(diffusion.sample(diffusion.load(settings.base), prompts, steps=settings.sample_steps, seed=settings.seed, progress=True))
-        samples = ImageSet("base", pixels, [ImageRecord(f"base-{i}", p, sha256=pixel_hash(x)) for i, (p, x) in enumerate(zip(prompts, pixels))])
+        samples = samples_from_base(settings.base, settings.samples, shots.captions, settings.seed, settings.sample_steps)
         evaluation = evaluate(samples, reference, shots, out=out / "base")
         write_json(baseline_path, {"technique": "base", "shots": max(settings.shots), "evaluation": evaluation})
     results["runs"]["base"] = json.loads(baseline_path.read_text())

@@ -41,7 +41,8 @@ class PocketSDConfig:
     # UNet on 8x8x4 latents: cross-attention at 8x8 and 4x4 (SD puts it at every level but the last).
     unet_channels: tuple = (64, 128, 128)
     unet_heads: int = 4
-    unet_steps: int = 6000
+    unet_steps: int = 6000  # length of the LR schedule
+    unet_stop_after: int = 4500  # the shipped model is this step's EMA (CPU time ran out; see its card)
     unet_batch: int = 64
     unet_lr: float = 5e-4
     warmup_steps: int = 200
@@ -288,9 +289,10 @@ def train_unet(config: PocketSDConfig, images, vae, tokenizer, out: Path):
         step = state["step"]
         print(f"resuming from step {step} ({state_path})", file=sys.stderr)
 
-    bar = progress(config.unet_steps, step, "pocket-sd UNet")
+    end = min(config.unet_steps, config.unet_stop_after or config.unet_steps)
+    bar = progress(end, step, "pocket-sd UNet")
     started, losses = time.time(), []
-    while step < config.unet_steps:
+    while step < end:
         index = torch.randint(len(mean), (config.unet_batch,))
         latents = (mean[index] + std[index] * torch.randn_like(mean[index])) * scale
         ids = token_ids[index].clone()
@@ -316,7 +318,7 @@ def train_unet(config: PocketSDConfig, images, vae, tokenizer, out: Path):
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if step % config.log_every == 0:
             append_jsonl(out / "log.jsonl", {"stage": "unet", "step": step, "loss": float(np.mean(losses[-50:])), "lr": schedule.get_last_lr()[0], "seconds": time.time() - started})
-        if step % config.checkpoint_every == 0 or step == config.unet_steps:
+        if step % config.checkpoint_every == 0 or step == end:
             save_torch(
                 state_path,
                 {
@@ -330,7 +332,7 @@ def train_unet(config: PocketSDConfig, images, vae, tokenizer, out: Path):
                     "step": step,
                 },
             )
-        if step % config.sample_every == 0 or step == config.unet_steps:
+        if step % config.sample_every == 0 or step == end:
             pipeline = make_pipeline(vae, ema_text, tokenizer, ema_unet)
             grid = sample_prompts(pipeline, list(config.sample_prompts), per_prompt=2, seed=config.seed)
             save_grid(grid, out / "samples" / f"step-{step:06d}.png", columns=len(config.sample_prompts), scale=2)
