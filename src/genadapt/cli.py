@@ -197,6 +197,39 @@ def adapt(
     typer.echo(run_adapt(settings))
 
 
+@app.command()
+@user_errors
+def distill(
+    teacher: str = typer.Option("pocket-sd", help="pocket-sd, a pipeline folder, or an adapt run folder."),
+    kind: str = typer.Option(..., help="progressive (fewer steps), consistency (LCM-LoRA, 1-4 steps), architecture (BK-SDM, smaller UNet)."),
+    data: Optional[str] = typer.Option(None, help="The shots: their captions are the prompts the student learns on."),
+    prompt: Optional[list[str]] = typer.Option(None, help="Prompts to distil on (repeatable)."),
+    steps: Optional[int] = typer.Option(None, help="Optimiser steps (per round for progressive).  [default: 500]"),
+    student_steps: Optional[int] = typer.Option(None, help="Target sampling steps.  [default: progressive 2, consistency 4, architecture 25]"),
+    num_samples: Optional[int] = typer.Option(None, help="Teacher samples to distil on.  [default: 64]"),
+    learning_rate: Optional[float] = typer.Option(None, "--learning-rate", "--lr", help="Default per kind."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "--train-batch-size", help="[default: 8]"),
+    teacher_steps: Optional[int] = typer.Option(None, help="progressive: the first round's teacher DDIM steps (divides 1000).  [default: 8]"),
+    rank: Optional[int] = typer.Option(None, help="consistency: LCM-LoRA rank.  [default: 8]"),
+    remove_blocks: Optional[list[str]] = typer.Option(None, help="architecture: layer, mid, innermost (repeatable).  [default: mid innermost]"),
+    seed: Optional[int] = typer.Option(None, help="[default: 0]"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML or TOML with any DistillConfig field; flags override it."),
+    out: Path = typer.Option(..., "--out", "--output-dir", help="Run folder; rerun to resume."),
+) -> None:
+    """Distil a teacher into a fewer-step or smaller student, on teacher samples for your prompts."""
+    from genadapt.config import build_config, read_config_file
+    from genadapt.recipes.distill import DistillConfig, distill as run_distill
+
+    given = {
+        "teacher": teacher, "kind": kind, "data": data, "prompts": prompt or None, "steps": steps,
+        "student_steps": student_steps, "num_samples": num_samples, "learning_rate": learning_rate,
+        "batch_size": batch_size, "teacher_steps": teacher_steps, "rank": rank, "remove_blocks": remove_blocks or None,
+        "seed": seed, "out": str(out),
+    }
+    settings = build_config(DistillConfig, read_config_file(config) if config else {}, given)
+    typer.echo(run_distill(settings))
+
+
 def _parse_lora(value: str) -> tuple[str, float]:
     path, _, weight = value.rpartition(":") if ":" in value else (value, "", "1")
     try:
@@ -232,16 +265,27 @@ def evaluate(
     train: Optional[str] = typer.Option(None, help="The training shots: enables intra-cluster diversity and memorisation."),
     features: str = typer.Option("pocket", help="pocket (the shipped eval encoder), an eval-encoder folder, or inception:PATH."),
     inception_weights: Optional[Path] = typer.Option(None, help="pytorch-fid's pt_inception-2015-12-05 weights: standard FID."),
+    lpips_backbone: Optional[Path] = typer.Option(None, help="torchvision's vgg16-397923af.pth (or alexnet-owt-7be5be79.pth): with --lpips-linear and --train, CDC's intra-cluster LPIPS."),
+    lpips_linear: Optional[Path] = typer.Option(None, help="The lpips package's weights/v0.1/vgg.pth (or alex.pth) linear heads."),
+    lpips_net: str = typer.Option("vgg", help="LPIPS backbone: vgg (CDC's) or alex."),
     num_samples: Optional[int] = typer.Option(None, help="Samples to generate from a run folder.  [default: reference size]"),
     seed: int = typer.Option(0, help="Seed for generated samples and bootstrap."),
     out: Path = typer.Option(..., help="Folder for metrics.json, report.md and report.html."),
 ) -> None:
-    """FID/KID with CIs, precision/recall, density/coverage; with --train, diversity and memorisation."""
+    """FID/KID with CIs, precision/recall, density/coverage; with --train, diversity and memorisation
+    (and intra-cluster LPIPS with --lpips-backbone and --lpips-linear)."""
     from genadapt.eval.evaluate import evaluate as run_evaluate, rows
 
     if inception_weights is not None:
         features = f"inception:{inception_weights}"
-    result = run_evaluate(samples, reference, train, features, out, num_samples=num_samples, seed=seed)
+    lpips = None
+    if lpips_backbone is not None or lpips_linear is not None:
+        if lpips_backbone is None or lpips_linear is None:
+            raise UserError("--lpips-backbone and --lpips-linear go together: the backbone file and the linear heads file")
+        if train is None:
+            raise UserError("--lpips-backbone/--lpips-linear need --train: intra-cluster LPIPS clusters samples around the training shots")
+        lpips = (lpips_backbone, lpips_linear, lpips_net)
+    result = run_evaluate(samples, reference, train, features, out, num_samples=num_samples, seed=seed, lpips=lpips)
     for metric, value in rows(result):
         typer.echo(f"{metric:55s} {value}")
     typer.echo(out / "report.html")
@@ -290,34 +334,41 @@ def compare(
 @app.command()
 @user_errors
 def demo(
-    quick: bool = typer.Option(False, "--quick", help="About 3 minutes: two techniques, fewer samples."),
-    out: Path = typer.Option(Path("runs/demo"), help="Where the runs and report.html go; rerun to resume."),
+    quick: bool = typer.Option(False, "--quick", help="About 3 minutes: two techniques per model, fewer samples."),
+    out: Path = typer.Option(Path("runs/demo"), help="Where the runs and the reports go; rerun to resume."),
     target: str = typer.Option("flags", help="Held-out OpenMoji target domain: flags (far) or dark-skin (near)."),
 ) -> None:
-    """The main job on built-in data: compare techniques on 10 shots of a held-out OpenMoji domain."""
+    """The main job on built-in data: compare techniques on 10 shots of a held-out OpenMoji domain,
+    with pocket-sd and pocket-stylegan2, and write one report."""
+    from genadapt.eval.report import verdict, write_demo_index
     from genadapt.recipes.compare import CompareSettings, compare as run_compare
 
     if target not in ("flags", "dark-skin"):
         raise UserError(f"--target {target}: choose flags or dark-skin")
-    settings = CompareSettings(
-        base="pocket-sd",
-        data=f"builtin:openmoji/{target}",
-        reference=f"builtin:openmoji/{target}/reference",
-        out=out / ("quick" if quick else "full"),
-        shots=[10],
-        techniques=["lora", "embedding"] if quick else ["lora", "embedding", "freeze", "full", "ewc"],
-        budget_minutes=3.0 if quick else 15.0,
-        samples=24 if quick else 64,
-        sample_steps=15 if quick else 25,
-        min_steps=10 if quick else 50,
-        probe_steps=1 if quick else 2,
-    )
-    results = run_compare(settings)
-    from genadapt.eval.report import verdict
-
-    for line in verdict(results):
-        typer.echo(line.replace("<b>", "").replace("</b>", "").replace("<i>", "").replace("</i>", ""))
-    typer.echo(f"report: {settings.out / 'report.html'}")
+    folder = out / ("quick" if quick else "full")
+    plans = {
+        "pocket-sd": (["lora", "embedding"], 2.0) if quick else (["lora", "embedding", "freeze", "full", "ewc"], 10.0),
+        "pocket-stylegan2": (["freeze", "cdc"], 1.0) if quick else (["full", "freeze", "lora", "embedding", "ewc", "cdc"], 5.0),
+    }
+    results = {}
+    for base, (techniques, minutes) in plans.items():
+        settings = CompareSettings(
+            base=base,
+            data=f"builtin:openmoji/{target}",
+            reference=f"builtin:openmoji/{target}/reference",
+            out=folder / base,
+            shots=[10],
+            techniques=techniques,
+            budget_minutes=minutes,
+            samples=24 if quick else 64,
+            sample_steps=15 if quick else 25,
+            min_steps=10 if quick else 50,
+            probe_steps=1 if quick else 2,
+        )
+        results[base] = run_compare(settings)
+        for line in verdict(results[base]):
+            typer.echo(f"{base}: " + line.replace("<b>", "").replace("</b>", "").replace("<i>", "").replace("</i>", ""))
+    typer.echo(f"report: {write_demo_index(results, folder)}")
 
 
 if __name__ == "__main__":  # pragma: no cover

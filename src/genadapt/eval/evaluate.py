@@ -87,8 +87,14 @@ def evaluate(
     num_samples: int | None = None,
     seed: int = 0,
     n_boot: int = 50,
+    lpips=None,
 ) -> dict:
-    """All few-shot metrics for one sample set; ImageSets or specs (folder, builtin:..., run folder)."""
+    """All few-shot metrics for one sample set; ImageSets or specs (folder, builtin:..., run folder).
+
+    `lpips`: (backbone_path, linear_path, net[, size]) or a loaded `genadapt.eval.lpips.LPIPS`; with
+    `train`, adds CDC's intra-cluster LPIPS ("intra_cluster_lpips", images resized to `size`, default 256).
+    """
+    lpips_model, lpips_size = _lpips_model(lpips) if (lpips is not None and train is not None) else (None, None)
     resolution = _resolution_for(features)
     extractor = get_extractor(features)
     reference_set = reference if isinstance(reference, ImageSet) else load_eval_images(str(reference), resolution)
@@ -123,10 +129,27 @@ def evaluate(
             ],
         }
         result["authenticity"] = {k: v for k, v in metrics.authenticity(feats_train, feats_samples).items() if k in ("authenticity", "n_fake")}
+        if lpips_model is not None:
+            from genadapt.eval.lpips import intra_cluster_lpips
+
+            perceptual = intra_cluster_lpips(sample_set, train_set, lpips_model, size=lpips_size, seed=seed)
+            result["intra_cluster_lpips"] = {k: v for k, v in perceptual.items() if k not in ("nearest_shot", "nn_distance")}
     result = _plain(result)
     if out is not None:
         write_report(result, Path(out), sample_set, train_set)
     return result
+
+
+def _lpips_model(spec):
+    """(LPIPS module, size) from a loaded module or (backbone, linear, net[, size]); files load onto the GPU if there is one."""
+    from genadapt.eval.lpips import CDC_SIZE, LPIPS, load_lpips
+
+    if isinstance(spec, LPIPS):
+        return spec, CDC_SIZE  # used on the device the caller put it on
+    if not (isinstance(spec, (tuple, list)) and len(spec) in (2, 3, 4)):
+        raise UserError(f"lpips={spec!r}: pass (backbone_path, linear_path, net) or a loaded LPIPS module")
+    backbone, linear, net, size = (*spec, *("vgg", CDC_SIZE)[len(spec) - 2 :])
+    return load_lpips(backbone, linear, net).to("cuda" if torch.cuda.is_available() else "cpu"), size
 
 
 def _plain(value):
@@ -156,6 +179,10 @@ def rows(result: dict) -> list[tuple[str, str]]:
     if "memorisation" in result:
         diversity = result["intra_cluster_diversity"]
         table.append((f"intra-cluster diversity ({diversity['distance_name']})", f"{diversity['value']:.4f}"))
+        if "intra_cluster_lpips" in result:
+            perceptual = result["intra_cluster_lpips"]
+            resized = f"{perceptual['size']} px" if perceptual["size"] else "native size"
+            table.append((f"intra-cluster {perceptual['distance_name']} (CDC, {resized})", f"{perceptual['value']:.4f} ± {perceptual['std']:.4f}"))
         table.append((f"copy rate (NN ratio < {result['memorisation']['ratio']:.2f}, {result['memorisation']['rule']})", f"{result['memorisation']['copy_rate']:.3f}"))
         table.append(("authenticity (Alaa et al. 2022)", f"{result['authenticity']['authenticity']:.3f}"))
     return table

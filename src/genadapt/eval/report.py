@@ -154,3 +154,18 @@ Copy rate: samples whose nearest shot is 3x closer than the second nearest.</sma
 <h2>Plan</h2><p>Probe: seconds per step {html.escape(json.dumps(plan['seconds_per_step']))}; seconds per sample {plan['seconds_per_sample']}. Estimated {plan['estimated_minutes']} min.</p>
 <p>Dropped runs:</p><ul>{dropped}</ul></body></html>"""
     return write_text(out / "report.html", page)
+
+
+def write_demo_index(results: dict[str, dict], out: Path) -> Path:
+    """One page over the per-model reports: the verdicts, then links to the evidence."""
+    blocks = []
+    for base, result in results.items():
+        lines = "<br>".join(verdict(result))
+        blocks.append(f"<h2>{html.escape(base)}</h2><div class='verdict'>{lines}</div><p><a href='{html.escape(base)}/report.html'>full report: table, samples, copies, loss curves</a></p>")
+    settings = next(iter(results.values()))["settings"]
+    page = f"""<!doctype html><html><head><meta charset='utf-8'><title>genadapt demo</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:60em;margin:1.5em auto}}.verdict{{background:#f3f7ff;border-left:4px solid #1f77b4;padding:.6em 1em}}</style></head><body>
+<h1>genadapt demo: which technique fits 10 images?</h1>
+<p>Target: <code>{html.escape(settings['data'])}</code>, a domain the pocket models never saw; evaluated against <code>{html.escape(settings['reference'])}</code>.</p>
+{''.join(blocks)}</body></html>"""
+    return write_text(out / "index.html", page)

@@ -66,7 +66,6 @@ def kohya_metadata(technique, metadata: dict, resolution: int) -> dict[str, str]
 def save_lora(model, technique, out: Path, metadata: dict | None = None) -> list[Path]:
     """Write the diffusers file, its kohya twin, and a peft adapter folder into `out`."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
 
     from genadapt.techniques.lora import ADAPTER, TEXT_ENCODER_TARGETS
 
@@ -76,10 +75,12 @@ def save_lora(model, technique, out: Path, metadata: dict | None = None) -> list
 
     staging = out / ".lora.tmp"
     shutil.rmtree(staging, ignore_errors=True)
+    # peft key names, as diffusers' own scripts save them: converting to the legacy `lora.down/up`
+    # names renames only attention layers, and a file mixing both namings loads partially.
     StableDiffusionPipeline.save_lora_weights(
         staging,
-        unet_lora_layers=convert_state_dict_to_diffusers(unet_state),
-        text_encoder_lora_layers=convert_state_dict_to_diffusers(text_state) if text_state else None,
+        unet_lora_layers=unet_state,
+        text_encoder_lora_layers=text_state or None,
         unet_lora_adapter_metadata=technique.peft_config(technique.targets).to_dict(),
         text_encoder_lora_adapter_metadata=technique.peft_config(TEXT_ENCODER_TARGETS).to_dict() if text_state else None,
         weight_name=DIFFUSERS_FILE,
