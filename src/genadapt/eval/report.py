@@ -48,6 +48,28 @@ def _svg_lines(series: dict[str, list[tuple[float, float]]], width=420, height=2
     return "".join(parts)
 
 
+def _svg_bars(rows: list[tuple[str, float, float, float]], width=560, label="KID (lower is better)") -> str:
+    """Horizontal bars with 95% CI whiskers, one per (name, value, low, high)."""
+    if not rows:
+        return ""
+    top = max(high for _, _, _, high in rows) or 1.0
+    left, right, height = 130, width - 20, 24 * len(rows) + 30
+
+    def sx(v):
+        return left + max(0.0, v) / top * (right - left)
+
+    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' font-size='11' font-family='sans-serif'>"]
+    for index, (name, value, low, high) in enumerate(rows):
+        y = 8 + 24 * index
+        color = "#999" if name.startswith("base") else COLORS[index % len(COLORS)]
+        parts.append(f"<text x='4' y='{y + 12}'>{html.escape(name)}</text>")
+        parts.append(f"<rect x='{left}' y='{y}' width='{sx(value) - left:.1f}' height='16' fill='{color}' opacity='.75'/>")
+        parts.append(f"<line x1='{sx(low):.1f}' x2='{sx(high):.1f}' y1='{y + 8}' y2='{y + 8}' stroke='#222'/>")
+        parts.append(f"<text x='{min(sx(high) + 4, right - 40):.1f}' y='{y + 12}' fill='#333'>{value:.3g}</text>")
+    parts.append(f"<text x='{left}' y='{height - 4}' fill='#666'>{html.escape(label)}; whiskers: 95% CI</text></svg>")
+    return "".join(parts)
+
+
 def _loss_curve(run: Path) -> str:
     path = run / "log.jsonl"
     if not path.is_file():
@@ -115,7 +137,14 @@ def write_compare_report(results: dict, out: Path) -> Path:
     base_kid = results["runs"]["base"]["evaluation"]["kid"]["value"]
     series = {t: sorted(points) for t, points in curves.items()}
     series["base (unadapted)"] = [(min(plan["shots"]), base_kid), (max(plan["shots"]), base_kid)]
-    quality_plot = _svg_lines(series, x_label="shots (log)", y_label="KID (lower is better)", log_x=len(plan["shots"]) > 1)
+    if len(plan["shots"]) > 1:
+        quality_plot = _svg_lines(series, x_label="shots (log)", y_label="KID (lower is better)", log_x=True)
+    else:
+        bars = sorted(
+            ((("base (unadapted)" if name == "base" else run["technique"]), run["evaluation"]["kid"]["value"], run["evaluation"]["kid"]["ci_low"], run["evaluation"]["kid"]["ci_high"]) for name, run in results["runs"].items()),
+            key=lambda row: row[1],
+        )
+        quality_plot = _svg_bars(bars)
 
     sections = []
     for shots in plan["shots"]:
@@ -145,7 +174,7 @@ figure{{margin:.3em}}figcaption{{font-size:.8em;color:#555}}small{{color:#777}}<
 <p>{html.escape(settings['base'])} adapted to <code>{html.escape(settings['data'])}</code>, evaluated against <code>{html.escape(settings['reference'])}</code>
 in the feature space <code>{html.escape(results['runs']['base']['evaluation']['features'])}</code>. Every run: {plan['steps']} steps.</p>
 <div class='verdict'>{'<br>'.join(verdict(results))}</div>
-<h2>Quality against shots</h2>{quality_plot}
+<h2>{'Quality against shots' if len(plan['shots']) > 1 else 'Quality by technique'}</h2>{quality_plot}
 <h2>All runs</h2><table><tr><th>technique</th><th>shots</th><th>KID [95% CI]</th><th>FID [95% CI]</th><th>precision</th><th>recall</th>
 <th>intra-cluster diversity</th><th>copy rate</th><th>trainable params</th><th>artifact</th><th>CPU-min</th></tr>{''.join(rows)}</table>
 <p><small>KID/FID: lower is better; the CI is a bootstrap 95% interval. Diversity: mean pairwise cosine distance of samples assigned to the same shot (CDC protocol, in the eval encoder's space, not LPIPS).

@@ -188,7 +188,7 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
             _sample_grid(model, config, validation_prompts(config, images.captions, technique), out / "samples" / f"step-{done:06d}.png")
     bar.close()
 
-    summary = {"steps": config.steps, "train_seconds": time.time() - started, "trainable_parameters": sum(p.numel() for p in parameters)}
+    summary = {"steps": config.steps, "train_seconds": time.time() - started, "trainable_parameters": technique.trained_parameters(model) if hasattr(technique, "trained_parameters") else sum(p.numel() for p in parameters)}
     if main:
         artifacts = technique.save(model, out)
         summary["artifacts"] = [str(Path(a).relative_to(out)) for a in artifacts]

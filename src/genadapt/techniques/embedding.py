@@ -58,6 +58,10 @@ class TextualInversion:
     def parameters(self, model):
         return [model.text_encoder.get_input_embeddings().weight]
 
+    def trained_parameters(self, model) -> int:
+        """Only the new rows learn, not the whole embedding table the optimiser holds."""
+        return len(self.token_ids) * model.text_encoder.get_input_embeddings().weight.shape[1]
+
     def learned(self, model) -> torch.Tensor:
         return model.text_encoder.get_input_embeddings().weight[self.token_ids].detach().float().cpu()
 
