@@ -49,6 +49,8 @@ def copy_model(name: str, run: Path) -> Path:
     shutil.rmtree(destination, ignore_errors=True)
     shutil.copytree(run / shipped, destination)
     if name == "pocket-sd":
+        for file in ("vocab.json", "merges.txt", "special_tokens_map.json"):  # CLIP's on-disk format
+            shutil.copy2(run / "tokenizer" / file, destination / "tokenizer" / file)
         # transformers keeps a checkpoint's dtype, so the text encoder stays fp32 (it is small).
         for part in ("unet", "vae"):
             to_fp16(destination / part)

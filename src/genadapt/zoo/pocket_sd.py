@@ -391,6 +391,9 @@ def pretrain(out: Path, config: PocketSDConfig | None = None) -> Path:
     staging = out / "pipeline.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     pipeline.save_pretrained(staging)
+    # transformers 5 saves only tokenizer.json; CLIP's own vocab.json + merges.txt are what SD tools read.
+    for name in ("vocab.json", "merges.txt", "special_tokens_map.json"):
+        shutil.copy2(out / "tokenizer" / name, staging / "tokenizer" / name)
     write_json(staging / "genadapt.json", {"model": "pocket-sd", "resolution": config.resolution, "trained_on": config.data})
     shutil.rmtree(out / "pipeline", ignore_errors=True)
     os.replace(staging, out / "pipeline")
