@@ -149,7 +149,7 @@ def write_compare_report(results: dict, out: Path) -> Path:
     sections = []
     for shots in plan["shots"]:
         images = load_dataset(settings["data"], resolution=32, shots=shots, seed=settings["seed"])
-        save_grid(images.pixels, out / f"shots-{shots}.png", columns=min(10, len(images)), scale=2)
+        save_grid(images.pixels, out / f"shots-{shots}.png", columns=min(5, len(images)), scale=2)
         cards = [f"<figure><img src='shots-{shots}.png'><figcaption>the {shots} training shot(s)</figcaption></figure>"]
         for name, run in results["runs"].items():
             if name == "base" or run["shots"] != shots:
@@ -190,10 +190,26 @@ def write_demo_index(results: dict[str, dict], out: Path) -> Path:
     blocks = []
     for base, result in results.items():
         lines = "<br>".join(verdict(result))
-        blocks.append(f"<h2>{html.escape(base)}</h2><div class='verdict'>{lines}</div><p><a href='{html.escape(base)}/report.html'>full report: table, samples, copies, loss curves</a></p>")
+        bars = sorted(
+            ((("base (unadapted)" if name == "base" else run["technique"]), run["evaluation"]["kid"]["value"], run["evaluation"]["kid"]["ci_low"], run["evaluation"]["kid"]["ci_high"]) for name, run in result["runs"].items()),
+            key=lambda row: row[1],
+        )
+        pictures = ""
+        for advice in result.get("recommendation", [])[:1]:
+            best = f"{advice['technique']}-{advice['shots']}shot"
+            pictures = (
+                f"<figure><img src='{html.escape(base)}/shots-{advice['shots']}.png'><figcaption>the shots</figcaption></figure>"
+                f"<figure><img src='{html.escape(base)}/runs/{best}/eval/samples.png' width='260'><figcaption>{html.escape(advice['technique'])}: samples</figcaption></figure>"
+                f"<figure><img src='{html.escape(base)}/base/samples.png' width='260'><figcaption>unadapted base: samples</figcaption></figure>"
+            )
+        blocks.append(
+            f"<h2>{html.escape(base)}</h2><div class='verdict'>{lines}</div>{_svg_bars(bars)}<div class='row'>{pictures}</div>"
+            f"<p><a href='{html.escape(base)}/report.html'>full report: every metric, samples of every run, copies, loss curves</a></p>"
+        )
     settings = next(iter(results.values()))["settings"]
     page = f"""<!doctype html><html><head><meta charset='utf-8'><title>genadapt demo</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:60em;margin:1.5em auto}}.verdict{{background:#f3f7ff;border-left:4px solid #1f77b4;padding:.6em 1em}}</style></head><body>
+<style>body{{font-family:system-ui,sans-serif;max-width:60em;margin:1.5em auto}}.verdict{{background:#f3f7ff;border-left:4px solid #1f77b4;padding:.6em 1em}}
+img{{image-rendering:pixelated}}.row{{display:flex;gap:1em;align-items:flex-end}}figure{{margin:.3em}}figcaption{{font-size:.8em;color:#555}}</style></head><body>
 <h1>genadapt demo: which technique fits 10 images?</h1>
 <p>Target: <code>{html.escape(settings['data'])}</code>, a domain the pocket models never saw; evaluated against <code>{html.escape(settings['reference'])}</code>.</p>
 {''.join(blocks)}</body></html>"""
