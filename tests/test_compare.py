@@ -64,3 +64,16 @@ def test_compare_runs_gan_techniques_too(tmp_path):
     results = compare(settings)
     assert set(results["runs"]) == {"base", "freeze-4shot", "cdc-4shot"}
     assert results["runs"]["cdc-4shot"]["evaluation"]["memorisation"]["copy_rate"] >= 0
+
+
+def test_without_reference_a_share_of_the_data_is_held_out(tmp_path):
+    from genadapt.recipes.compare import hold_out
+    from genadapt.data import load_dataset
+
+    settings = CompareSettings(base="x", data="builtin:digits/3", reference=None, out=tmp_path, shots=[5], techniques=["lora"])
+    split = hold_out(settings, tmp_path)
+    pool, reference = load_dataset(split.data, resolution=32), load_dataset(split.reference, resolution=32)
+    total = len(load_dataset("builtin:digits/3", resolution=32))
+    assert len(pool) + len(reference) == total and abs(len(reference) - 0.3 * total) <= 1
+    assert not {r.sha256 for r in pool.records} & {r.sha256 for r in reference.records}
+    assert pool.captions[0] == "a handwritten digit three"

@@ -306,7 +306,7 @@ def _int_list(text: str, flag: str) -> list[int]:
 def compare(
     base: str = typer.Option("pocket-sd", help="The pretrained model to adapt."),
     data: str = typer.Option(..., help="Folder or builtin spec; shots are drawn from it deterministically."),
-    reference: str = typer.Option(..., help="Held-out real images of the target, for evaluation."),
+    reference: Optional[str] = typer.Option(None, help="Held-out real images of the target.  [default: hold out 30% of --data, by seed]"),
     shots: str = typer.Option("1,5,10", help="Comma-separated shot counts."),
     techniques: str = typer.Option("lora,embedding,freeze,full,ewc", help="Comma-separated: full, freeze, lora, embedding, ewc, relational, prior, feature."),
     budget_minutes: float = typer.Option(15.0, help="Wall-clock budget; steps per run are planned from a timing probe."),

@@ -58,7 +58,7 @@ class ComparePlan:
 class CompareSettings:
     base: str
     data: str
-    reference: str
+    reference: str | None  # None: hold out `reference_share` of the data
     out: Path
     shots: list[int]
     techniques: list[str]
@@ -71,6 +71,7 @@ class CompareSettings:
     caption: str | None = None
     probe_steps: int = 2
     sample_steps: int = 25  # DDIM steps for evaluation samples
+    reference_share: float = 0.3
 
 
 def run_name(technique: str, shots: int) -> str:
@@ -176,6 +177,42 @@ def make_plan(settings: CompareSettings, per_step: dict[str, float], per_sample:
     )
 
 
+def hold_out(settings: CompareSettings, out: Path) -> CompareSettings:
+    """Without --reference: split the data once, by seed, into a shot pool and a held-out reference,
+    written as folders (images + metadata.jsonl) so every run and the report can point at them."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from genadapt.data import load_dataset
+
+    pool_dir, reference_dir = out / "data" / "pool", out / "data" / "reference"
+    if not (reference_dir / "metadata.jsonl").is_file():
+        builtin = settings.data.startswith("builtin:")
+        images = load_dataset(settings.data, resolution=32 if builtin else 8, caption=settings.caption)
+        count = max(2, int(round(len(images) * settings.reference_share)))
+        if len(images) - count < max(settings.shots):
+            raise UserError(
+                f"--data {settings.data}: {len(images)} images cannot give {max(settings.shots)} shots and a held-out reference of {count}; pass --reference or fewer --shots"
+            )
+        order = np.random.default_rng(settings.seed).permutation(len(images))
+        for folder, indices in ((reference_dir, order[:count]), (pool_dir, order[count:])):
+            folder.mkdir(parents=True, exist_ok=True)
+            rows = []
+            for index in sorted(int(i) for i in indices):
+                record = images.records[index]
+                if builtin:
+                    name = f"{index:05d}.png"
+                    Image.fromarray(images.pixels[index]).save(folder / name)
+                else:  # the user's own file, untouched: each model resizes it to its resolution
+                    name = f"{index:05d}{Path(record.id).suffix}"
+                    shutil.copy2(Path(settings.data) / record.id, folder / name)
+                rows.append(json.dumps({"file_name": name, "text": images.records[index].caption}))
+            (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return CompareSettings(**{**asdict(settings), "data": str(pool_dir), "reference": str(reference_dir), "caption": None})
+
+
 def compare(settings: CompareSettings) -> dict:
     """Plan, run, evaluate, report. Returns the results dict written to results.json."""
     from tqdm.auto import tqdm
@@ -191,6 +228,8 @@ def compare(settings: CompareSettings) -> dict:
         raise UserError(f"--techniques {unknown[0]}: not a technique for {settings.base}; choose from {', '.join(recipes)}")
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
+    if settings.reference is None:
+        settings = hold_out(settings, out)
     plan_path = out / "plan.json"
     if plan_path.is_file():
         plan = ComparePlan(**json.loads(plan_path.read_text()))  # resume: keep the plan the finished runs used
