@@ -132,8 +132,9 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
         text_encoder = accelerator.prepare(text_encoder)
     optimizer = accelerator.prepare(optimizer)
 
-    # One explicit generator drives batches, noise and timesteps, so a resumed run is the same run.
-    generator = torch.Generator().manual_seed(config.seed)
+    # One explicit generator drives batches, noise and timesteps, so a resumed run is the same run;
+    # each process of a distributed run draws its own batches (seed + rank), as a sampler would.
+    generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)
     start, history = 0, []
     state_path = out / STATE_FILE
     if state_path.is_file():
@@ -202,4 +203,5 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
         write_json(out / "prompts.json", captions)  # what the run trained on, token included: how to sample it
     accelerator.wait_for_everyone()
     summary["model"] = model
+    summary["history"] = history
     return summary
