@@ -115,7 +115,7 @@ def main() -> None:
     print("| technique | steps/s | peak RSS (MB) | trainable params | artifact |")
     print("|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['technique']} | {row['steps_per_second']:.2f} | {row['peak_rss_mb']:.0f} | {row['trainable_parameters']:,} | {row["artifact_bytes"] / 1e3:,.1f} KB |")
+        print(f"| {row['technique']} | {row['steps_per_second']:.2f} | {row['peak_rss_mb']:.0f} | {row['trainable_parameters']:,} | {row['artifact_bytes'] / 1e3:,.1f} KB |")
     print(f"\nlatents cached once: {caching['cached'] * 1000:.0f} ms/step; encoded every step: {caching['on_the_fly'] * 1000:.0f} ms/step ({caching['speedup']:.2f}x)")
 
 
