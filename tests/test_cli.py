@@ -54,3 +54,13 @@ def test_grid_of_builtin(tmp_path):
 def test_bad_pretrain_settings_are_one_line_errors():
     result = runner.invoke(app, ["pretrain", "pocket-sd", "--out", "x", "--set", "unet_steps=many"])
     assert result.exit_code == 2 and "expected a value like" in result.output
+
+
+def test_sample_both_pocket_models_deterministically(tmp_path):
+    for model, extra in (("pocket-stylegan2", []), ("pocket-sd", ["--prompt", "grinning face", "--steps", "5"])):
+        grids = []
+        for name in ("a.png", "b.png"):
+            result = runner.invoke(app, ["sample", model, "-n", "4", "--seed", "3", "--out", str(tmp_path / f"{model}-{name}")] + extra)
+            assert result.exit_code == 0, result.output
+            grids.append((tmp_path / f"{model}-{name}").read_bytes())
+        assert grids[0] == grids[1]

@@ -61,13 +61,25 @@ def load_run_model(run_or_model: str, loras: list[tuple[str, float]] | None = No
 
 
 def sample(run_or_model: str, prompts: list[str], n: int = 16, steps: int = 25, guidance: float = 4.0, seed: int = 0, loras=None, out: Path | None = None):
-    """n images (prompts cycled), NCHW in [-1, 1]; with `out`, also a grid PNG."""
-    from genadapt.families import diffusion
+    """n images (prompts cycled; GANs ignore them), NCHW in [-1, 1]; with `out`, also a grid PNG."""
+    import yaml
+
+    from genadapt.families import diffusion, gan
     from genadapt.grid import save_grid
 
-    model = load_run_model(run_or_model, loras)
-    prompts = [prompts[i % len(prompts)] for i in range(n)]
-    images = diffusion.sample(model, prompts, steps=steps, guidance=guidance, seed=seed, progress=True)
+    path = Path(run_or_model)
+    is_gan_run = (path / "config.yaml").is_file() and yaml.safe_load((path / "config.yaml").read_text()).get("family") == "gan"
+    if is_gan_run or gan.is_gan_base(run_or_model):
+        if loras:
+            from genadapt.errors import UserError
+
+            raise UserError("--lora composes diffusion LoRA runs; a GAN LoRA run is sampled by passing its run folder")
+        model = gan.load_run(path) if is_gan_run else gan.load(run_or_model)
+        images = gan.sample(model, n, seed)
+    else:
+        model = load_run_model(run_or_model, loras)
+        prompts = [prompts[i % len(prompts)] for i in range(n)]
+        images = diffusion.sample(model, prompts, steps=steps, guidance=guidance, seed=seed, progress=True)
     if out is not None:
         save_grid(images, out, scale=2)
     return images
