@@ -68,6 +68,7 @@ def validation_prompts(config: AdaptConfig, captions: list[str], technique) -> l
 def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
     """Train one run into `config.out`; resumes from `checkpoints/state.pt` if it exists."""
     from accelerate import Accelerator
+    from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
     from genadapt.data import load_dataset
@@ -141,7 +142,11 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
         state = load_torch(state_path)
         _load_trainable_state(model, state["trainable"])
         optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
+        if len(state["generators"]) != accelerator.num_processes:
+            from genadapt.errors import UserError
+
+            raise UserError(f"{state_path} was written by {len(state['generators'])} process(es); resume with the same number")
+        generator.set_state(state["generators"][accelerator.process_index])
         start, history = state["step"], state["history"]
 
     bar = tqdm(total=config.steps, initial=start, desc=f"adapt {config.train}", unit="step", disable=not main, dynamic_ncols=True)
@@ -180,11 +185,14 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
         done = step_index + 1
-        if main and (done % config.checkpointing_steps == 0 or done == config.steps):
-            save_torch(
-                state_path,
-                {"trainable": _trainable_state(model), "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "step": done, "history": history},
-            )
+        if done % config.checkpointing_steps == 0 or done == config.steps:
+            # Every rank's generator, so each process of a resumed distributed run continues its own stream.
+            generators = gather_object([generator.get_state()]) if accelerator.num_processes > 1 else [generator.get_state()]
+            if main:
+                save_torch(
+                    state_path,
+                    {"trainable": _trainable_state(model), "optimizer": optimizer.state_dict(), "generators": generators, "step": done, "history": history},
+                )
         if main and config.sample_every and done % config.sample_every == 0 and done != config.steps:
             _sample_grid(model, config, validation_prompts(config, images.captions, technique), out / "samples" / f"step-{done:06d}.png")
     bar.close()
