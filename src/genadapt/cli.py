@@ -200,7 +200,7 @@ def adapt(
 @app.command()
 @user_errors
 def distill(
-    teacher: str = typer.Option("pocket-sd", help="pocket-sd, a pipeline folder, or an adapt run folder."),
+    teacher: str = typer.Option("pocket-sd", help="pocket-sd, a pipeline folder, an adapt run folder, or a GAN (pocket-stylegan2, StyleGAN2 folder) for --kind architecture."),
     kind: str = typer.Option(..., help="progressive (fewer steps), consistency (LCM-LoRA, 1-4 steps), architecture (BK-SDM, smaller UNet)."),
     data: Optional[str] = typer.Option(None, help="The shots: their captions are the prompts the student learns on."),
     prompt: Optional[list[str]] = typer.Option(None, help="Prompts to distil on (repeatable)."),
@@ -212,6 +212,7 @@ def distill(
     teacher_steps: Optional[int] = typer.Option(None, help="progressive: the first round's teacher DDIM steps (divides 1000).  [default: 8]"),
     rank: Optional[int] = typer.Option(None, help="consistency: LCM-LoRA rank.  [default: 8]"),
     remove_blocks: Optional[list[str]] = typer.Option(None, help="architecture: layer, mid, innermost (repeatable).  [default: mid innermost]"),
+    student_width: Optional[float] = typer.Option(None, help="architecture with a GAN teacher: the student's channel multiplier.  [default: 0.5]"),
     seed: Optional[int] = typer.Option(None, help="[default: 0]"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML or TOML with any DistillConfig field; flags override it."),
     out: Path = typer.Option(..., "--out", "--output-dir", help="Run folder; rerun to resume."),
@@ -224,7 +225,7 @@ def distill(
         "teacher": teacher, "kind": kind, "data": data, "prompts": prompt or None, "steps": steps,
         "student_steps": student_steps, "num_samples": num_samples, "learning_rate": learning_rate,
         "batch_size": batch_size, "teacher_steps": teacher_steps, "rank": rank, "remove_blocks": remove_blocks or None,
-        "seed": seed, "out": str(out),
+        "seed": seed, "out": str(out), "student_width": student_width,
     }
     settings = build_config(DistillConfig, read_config_file(config) if config else {}, given)
     typer.echo(run_distill(settings))

@@ -116,6 +116,7 @@ class DistillConfig(BaseModel):
     lambda_task: float = Field(1.0, ge=0)
     lambda_out: float = Field(1.0, ge=0)
     lambda_feat: float = Field(1.0, ge=0)
+    student_width: float = Field(0.5, gt=0, le=1)  # GAN teacher: the student's channel multiplier per resolution
     # report and bookkeeping
     eval_images: int = Field(8, ge=1)
     reference_steps: int = Field(50, ge=1)
@@ -675,6 +676,14 @@ def _student_for_report(config: DistillConfig, result: dict, device):
 
 def distill(config: DistillConfig, accelerator=None) -> Path:
     """Distil `config.teacher` into a student of `config.kind`; returns the run folder (resumable)."""
+    from genadapt.families.gan import is_gan_base
+
+    if is_gan_base(config.teacher):
+        if config.kind != "architecture":
+            raise UserError(f"--kind {config.kind}: a GAN teacher ({config.teacher}) has no sampling steps to cut; only --kind architecture applies to GANs")
+        from genadapt.recipes.distill_gan import distill_gan
+
+        return distill_gan(config)
     from accelerate import Accelerator
 
     out = Path(config.out)
