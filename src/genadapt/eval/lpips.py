@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genadapt.errors import UserError
+from genadapt.eval.metrics import cluster_pair_means
 
 __all__ = [
     "LPIPS",
@@ -384,21 +385,9 @@ def intra_cluster_lpips(
         raise UserError(f"intra_cluster_lpips: needs at least 1 sample and 1 training image, got {len(x)} and {len(t)}")
     to_train = lpips_pairwise(model, x, t, size=size, batch_size=batch_size)
     nn_dist, assign = to_train.min(dim=1)
-    gen = torch.Generator().manual_seed(seed)
-    per_cluster: list[float | None] = []
-    sizes: list[int] = []
-    for c in range(len(t)):
-        members = torch.nonzero(assign == c).flatten()
-        sizes.append(int(members.numel()))
-        if members.numel() < 2:
-            per_cluster.append(None)
-            continue
-        if max_per_cluster is not None and members.numel() > max_per_cluster:
-            members = members[torch.randperm(members.numel(), generator=gen)[:max_per_cluster]]
-        dm = lpips_pairwise(model, x[members], size=size, batch_size=batch_size)
-        iu = torch.triu_indices(len(dm), len(dm), offset=1)
-        per_cluster.append(float(dm[iu[0], iu[1]].mean()))
-    used = [v for v in per_cluster if v is not None]
+    per_cluster, sizes, used = cluster_pair_means(
+        assign, len(t), lambda members: lpips_pairwise(model, x[members], size=size, batch_size=batch_size), max_per_cluster, seed
+    )
     resize = f"{size}x{size} bilinear" if size is not None else f"native size (>= {MIN_NATIVE} px)"
     return {
         "value": float(np.mean(used)) if used else float("nan"),

@@ -329,6 +329,27 @@ def density_coverage(real, fake, k: int = 5) -> dict:
 # --------------------------------------------------------------------------- diversity and copying
 
 
+def cluster_pair_means(assign: torch.Tensor, n_clusters: int, pairwise, max_per_cluster: int | None, seed: int):
+    """CDC's protocol core: per cluster k, the mean of pairwise(members)[i<j] over at most
+    `max_per_cluster` random members; clusters with < 2 members give None. Returns
+    (per_cluster, sizes, used values)."""
+    gen = torch.Generator().manual_seed(seed)
+    per_cluster: list[float | None] = []
+    sizes: list[int] = []
+    for c in range(n_clusters):
+        members = torch.nonzero(assign == c).flatten()
+        sizes.append(int(members.numel()))
+        if members.numel() < 2:
+            per_cluster.append(None)
+            continue
+        if max_per_cluster is not None and members.numel() > max_per_cluster:
+            members = members[torch.randperm(members.numel(), generator=gen)[:max_per_cluster].to(members.device)]
+        dm = pairwise(members)
+        iu = torch.triu_indices(dm.shape[0], dm.shape[0], offset=1, device=dm.device)
+        per_cluster.append(float(dm[iu[0], iu[1]].mean()))
+    return per_cluster, sizes, [v for v in per_cluster if v is not None]
+
+
 def intra_cluster_diversity(
     samples_feats,
     train_feats,
@@ -355,21 +376,7 @@ def intra_cluster_diversity(
         raise MetricInputError(f"max_per_cluster must be >= 2 or None, got {max_per_cluster}")
     to_train = _dist(x, t, distance)
     nn_dist, assign = to_train.min(dim=1)
-    gen = torch.Generator().manual_seed(seed)
-    per_cluster: list[float | None] = []
-    sizes: list[int] = []
-    for c in range(t.shape[0]):
-        members = torch.nonzero(assign == c).flatten()
-        sizes.append(int(members.numel()))
-        if members.numel() < 2:
-            per_cluster.append(None)
-            continue
-        if max_per_cluster is not None and members.numel() > max_per_cluster:
-            members = members[torch.randperm(members.numel(), generator=gen)[:max_per_cluster].to(members.device)]
-        dm = _dist(x[members], x[members], distance)
-        iu = torch.triu_indices(dm.shape[0], dm.shape[0], offset=1, device=dm.device)
-        per_cluster.append(float(dm[iu[0], iu[1]].mean()))
-    used = [v for v in per_cluster if v is not None]
+    per_cluster, sizes, used = cluster_pair_means(assign, t.shape[0], lambda m: _dist(x[m], x[m], distance), max_per_cluster, seed)
     return {
         "value": float(np.mean(used)) if used else float("nan"),
         "std": float(np.std(used)) if used else float("nan"),
