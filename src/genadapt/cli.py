@@ -347,12 +347,14 @@ def demo(
     if target not in ("flags", "dark-skin"):
         raise UserError(f"--target {target}: choose flags or dark-skin")
     folder = out / ("quick" if quick else "full")
+    # Fixed step counts, not a time budget: the demo gives the same numbers on every machine
+    # (about 6 minutes on 2 cores for the full demo, 1.5 for --quick).
     plans = {
-        "pocket-sd": (["lora", "embedding"], 2.0) if quick else (["lora", "embedding", "freeze", "full", "ewc"], 10.0),
-        "pocket-stylegan2": (["freeze", "cdc"], 1.0) if quick else (["full", "freeze", "lora", "embedding", "ewc", "cdc"], 5.0),
+        "pocket-sd": (["lora", "embedding"], 150) if quick else (["lora", "embedding", "freeze", "full", "ewc"], 400),
+        "pocket-stylegan2": (["freeze", "cdc"], 200) if quick else (["full", "freeze", "lora", "embedding", "ewc", "cdc"], 500),
     }
     results = {}
-    for base, (techniques, minutes) in plans.items():
+    for base, (techniques, steps) in plans.items():
         settings = CompareSettings(
             base=base,
             data=f"builtin:openmoji/{target}",
@@ -360,7 +362,7 @@ def demo(
             out=folder / base,
             shots=[10],
             techniques=techniques,
-            budget_minutes=minutes,
+            steps=steps,
             samples=24 if quick else 64,
             sample_steps=15 if quick else 25,
             min_steps=10 if quick else 50,

@@ -164,6 +164,10 @@ def write_compare_report(results: dict, out: Path) -> Path:
         sections.append(f"<h3>{shots} shot(s)</h3><div class='grid'>{''.join(cards)}</div>")
 
     dropped = "".join(f"<li>{html.escape(d)}</li>" for d in plan["dropped"]) or "<li>none</li>"
+    if plan["seconds_per_step"]:
+        plan_text = f"Probe: seconds per step {html.escape(json.dumps(plan['seconds_per_step']))}; seconds per sample {plan['seconds_per_sample']}. Estimated {plan['estimated_minutes']} min."
+    else:
+        plan_text = f"A fixed {plan['steps']} steps for every run (no timing probe), so the numbers do not depend on the machine's speed."
     page = f"""<!doctype html><html><head><meta charset='utf-8'><title>genadapt compare</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:72em;margin:1.5em auto;color:#222}}
 table{{border-collapse:collapse;font-size:.9em}}td,th{{padding:.25em .6em;border-bottom:1px solid #ddd;text-align:right}}
@@ -180,7 +184,7 @@ in the feature space <code>{html.escape(results['runs']['base']['evaluation']['f
 <p><small>KID/FID: lower is better; the CI is a bootstrap 95% interval. Diversity: mean pairwise cosine distance of samples assigned to the same shot (CDC protocol, in the eval encoder's space, not LPIPS).
 Copy rate: samples whose nearest shot is 3x closer than the second nearest.</small></p>
 {''.join(sections)}
-<h2>Plan</h2><p>Probe: seconds per step {html.escape(json.dumps(plan['seconds_per_step']))}; seconds per sample {plan['seconds_per_sample']}. Estimated {plan['estimated_minutes']} min.</p>
+<h2>Plan</h2><p>{plan_text}</p>
 <p>Dropped runs:</p><ul>{dropped}</ul></body></html>"""
     return write_text(out / "report.html", page)
 

@@ -72,6 +72,7 @@ class CompareSettings:
     probe_steps: int = 2
     sample_steps: int = 25  # DDIM steps for evaluation samples
     reference_share: float = 0.3
+    steps: int | None = None  # fixed steps for every run (reproducible across machines); None: planned from the budget
 
 
 def run_name(technique: str, shots: int) -> str:
@@ -233,6 +234,10 @@ def compare(settings: CompareSettings) -> dict:
     plan_path = out / "plan.json"
     if plan_path.is_file():
         plan = ComparePlan(**json.loads(plan_path.read_text()))  # resume: keep the plan the finished runs used
+    elif settings.steps is not None:
+        runs = [run_name(t, s) for t in settings.techniques for s in settings.shots]
+        plan = ComparePlan(settings.techniques, settings.shots, settings.steps, {}, 0.0, runs=runs, estimated_minutes=0.0)
+        write_json(plan_path, asdict(plan))
     else:
         probe_started = time.time()
         per_step, per_sample = probe(settings, out / "probe")
