@@ -77,3 +77,12 @@ def test_without_reference_a_share_of_the_data_is_held_out(tmp_path):
     assert len(pool) + len(reference) == total and abs(len(reference) - 0.3 * total) <= 1
     assert not {r.sha256 for r in pool.records} & {r.sha256 for r in reference.records}
     assert pool.captions[0] == "a handwritten digit three"
+
+
+def test_fixed_steps_skip_the_probe(base, tmp_path):
+    settings = _settings(base, tmp_path)
+    settings.shots, settings.techniques, settings.steps = [2], ["embedding"], 2
+    results = compare(settings)
+    assert results["plan"]["steps"] == 2 and results["plan"]["seconds_per_step"] == {}
+    assert not (tmp_path / "probe").exists()
+    assert json.loads((tmp_path / "runs" / "embedding-2shot" / "summary.json").read_text())["steps"] == 2
