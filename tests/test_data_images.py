@@ -100,13 +100,17 @@ def test_bad_file_gives_one_line_reason_naming_it(tmp_path, name):
     assert name in message and expected in message and "\n" not in message
 
 
-def test_unreadable_file(tmp_path):
+def test_unreadable_file(tmp_path, monkeypatch):
     import os
 
     _gradient().save(tmp_path / "locked.png")
     os.chmod(tmp_path / "locked.png", 0)
-    if os.access(tmp_path / "locked.png", os.R_OK):  # root can read anything
-        pytest.skip("running as a user who can read mode-000 files")
+    if os.access(tmp_path / "locked.png", os.R_OK):  # root reads mode-000 files: make the read itself fail
+
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr("genadapt.data.images.Image.open", refuse)
     with pytest.raises(DataError, match="permission denied"):
         open_image(tmp_path / "locked.png")
 

@@ -325,10 +325,10 @@ def compare(
         samples=samples, seed=seed, caption=caption,
     )
     results = run_compare(settings)
-    from genadapt.eval.report import verdict
+    from genadapt.eval.report import verdict_text
 
-    for line in verdict(results):
-        typer.echo(line.replace("<b>", "").replace("</b>", "").replace("<i>", "").replace("</i>", ""))
+    for line in verdict_text(results):
+        typer.echo(line)
     typer.echo(out / "report.html")
 
 
@@ -341,7 +341,7 @@ def demo(
 ) -> None:
     """The main job on built-in data: compare techniques on 10 shots of a held-out OpenMoji domain,
     with pocket-sd and pocket-stylegan2, and write one report."""
-    from genadapt.eval.report import verdict, write_demo_index
+    from genadapt.eval.report import verdict_text, write_demo_index
     from genadapt.recipes.compare import CompareSettings, compare as run_compare
 
     if target not in ("flags", "dark-skin"):
@@ -369,8 +369,8 @@ def demo(
             probe_steps=1 if quick else 2,
         )
         results[base] = run_compare(settings)
-        for line in verdict(results[base]):
-            typer.echo(f"{base}: " + line.replace("<b>", "").replace("</b>", "").replace("<i>", "").replace("</i>", ""))
+        for line in verdict_text(results[base]):
+            typer.echo(f"{base}: {line}")
     typer.echo(f"report: {write_demo_index(results, folder)}")
 
 

@@ -32,7 +32,6 @@ numbers only at equal `size`.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genadapt.data.folder import file_sha256
 from genadapt.errors import UserError
 from genadapt.eval.metrics import cluster_pair_means
 
@@ -220,14 +220,6 @@ def _check_keys(path: Path, state: dict, expected: dict, ignored_prefix: str | N
         )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_lpips(backbone_path, linear_path, net: str = "vgg") -> LPIPS:
     """LPIPS v0.1 (`net` "vgg" or "alex") from torchvision's ImageNet backbone file and the lpips
     package's linear heads, each a `.pth` (read with weights_only=True) or `.safetensors`; in eval
@@ -251,7 +243,7 @@ def load_lpips(backbone_path, linear_path, net: str = "vgg") -> LPIPS:
     _check_keys(linear_path, linear, linear_expected, None, linear_hint)
 
     model.load_state_dict({**{k: backbone[k] for k in backbone_expected}, **linear}, strict=True)
-    model.model_id = f"lpips-{net}-v0.1@{_sha256(backbone_path)[:12]}+{_sha256(linear_path)[:12]}"
+    model.model_id = f"lpips-{net}-v0.1@{file_sha256(backbone_path)[:12]}+{file_sha256(linear_path)[:12]}"
     return model.eval().requires_grad_(False)
 
 

@@ -70,6 +70,15 @@ def _svg_bars(rows: list[tuple[str, float, float, float]], width=560, label="KID
     return "".join(parts)
 
 
+def _kid_rows(results: dict) -> list[tuple[str, float, float, float]]:
+    """(name, KID, CI low, CI high) of every run and the base, best first, for `_svg_bars`."""
+    rows = []
+    for name, run in results["runs"].items():
+        kid = run["evaluation"]["kid"]
+        rows.append(("base (unadapted)" if name == "base" else run["technique"], kid["value"], kid["ci_low"], kid["ci_high"]))
+    return sorted(rows, key=lambda row: row[1])
+
+
 def _loss_curve(run: Path) -> str:
     path = run / "log.jsonl"
     if not path.is_file():
@@ -113,6 +122,13 @@ def verdict(results: dict) -> list[str]:
     return lines
 
 
+def verdict_text(results: dict) -> list[str]:
+    """`verdict` without the HTML emphasis, for a terminal."""
+    import re
+
+    return [re.sub(r"</?[bi]>", "", line) for line in verdict(results)]
+
+
 def write_compare_report(results: dict, out: Path) -> Path:
     from genadapt.data import load_dataset
     from genadapt.grid import save_grid
@@ -140,11 +156,7 @@ def write_compare_report(results: dict, out: Path) -> Path:
     if len(plan["shots"]) > 1:
         quality_plot = _svg_lines(series, x_label="shots (log)", y_label="KID (lower is better)", log_x=True)
     else:
-        bars = sorted(
-            ((("base (unadapted)" if name == "base" else run["technique"]), run["evaluation"]["kid"]["value"], run["evaluation"]["kid"]["ci_low"], run["evaluation"]["kid"]["ci_high"]) for name, run in results["runs"].items()),
-            key=lambda row: row[1],
-        )
-        quality_plot = _svg_bars(bars)
+        quality_plot = _svg_bars(_kid_rows(results))
 
     sections = []
     for shots in plan["shots"]:
@@ -194,10 +206,6 @@ def write_demo_index(results: dict[str, dict], out: Path) -> Path:
     blocks = []
     for base, result in results.items():
         lines = "<br>".join(verdict(result))
-        bars = sorted(
-            ((("base (unadapted)" if name == "base" else run["technique"]), run["evaluation"]["kid"]["value"], run["evaluation"]["kid"]["ci_low"], run["evaluation"]["kid"]["ci_high"]) for name, run in result["runs"].items()),
-            key=lambda row: row[1],
-        )
         pictures = ""
         for advice in result.get("recommendation", [])[:1]:
             best = f"{advice['technique']}-{advice['shots']}shot"
@@ -207,7 +215,7 @@ def write_demo_index(results: dict[str, dict], out: Path) -> Path:
                 f"<figure><img src='{html.escape(base)}/base/samples.png' width='260'><figcaption>unadapted base: samples</figcaption></figure>"
             )
         blocks.append(
-            f"<h2>{html.escape(base)}</h2><div class='verdict'>{lines}</div>{_svg_bars(bars)}<div class='row'>{pictures}</div>"
+            f"<h2>{html.escape(base)}</h2><div class='verdict'>{lines}</div>{_svg_bars(_kid_rows(result))}<div class='row'>{pictures}</div>"
             f"<p><a href='{html.escape(base)}/report.html'>full report: every metric, samples of every run, copies, loss curves</a></p>"
         )
     settings = next(iter(results.values()))["settings"]

@@ -38,7 +38,7 @@ from genadapt.families.stylegan2 import (
     lazy_adam_hyperparameters,
 )
 from genadapt.recipes.train import STATE_FILE, _check_resumable, _load_trainable_state, _trainable_state
-from genadapt.runs import load_torch, progress, save_torch, write_json, write_manifest, write_text, write_yaml
+from genadapt.runs import load_torch, progress, save_torch, use_cpu, write_json, write_manifest, write_text, write_yaml
 from genadapt.techniques import Step
 from genadapt.techniques.gan import make_parameter_technique
 from genadapt.techniques.gan_losses import make_loss_techniques
@@ -118,7 +118,7 @@ def adapt_gan(config: AdaptConfig) -> dict:
     from genadapt.grid import save_grid
 
     out = Path(config.out)
-    torch.set_flush_denormal(True)  # denormal floats are ~100x slower on x86 CPUs
+    use_cpu()
     model = gan.load(config.base, allow_pickle=config.allow_pickle)
     images = load_dataset(
         config.data, resolution=model.resolution, shots=config.shots, seed=config.seed,

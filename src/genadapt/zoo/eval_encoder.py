@@ -66,7 +66,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from genadapt.errors import UserError
-from genadapt.runs import append_jsonl, progress, load_torch, save_safetensors, save_torch, write_json, write_manifest, write_yaml
+from genadapt.runs import (
+    append_jsonl,
+    load_torch,
+    module_states,
+    progress,
+    restore_states,
+    save_safetensors,
+    save_torch,
+    use_cpu,
+    write_json,
+    write_manifest,
+    write_yaml,
+)
 
 MODEL_NAME = "pocket-eval-encoder"
 WEIGHTS_FILE = "encoder.safetensors"
@@ -327,9 +339,7 @@ def pretrain(out: Path, config: EvalEncoderConfig | None = None) -> Path:
     config = config or EvalEncoderConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    torch.set_flush_denormal(True)  # denormal floats are ~100x slower on x86
+    use_cpu(config.threads)
     _check_same_config(out, config)
     write_yaml(out / "config.yaml", _config_record(config))
     train, held_out = training_data(config)
@@ -343,6 +353,7 @@ def pretrain(out: Path, config: EvalEncoderConfig | None = None) -> Path:
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config))
     generator = torch.Generator().manual_seed(config.seed)
+    trained = {"encoder": encoder, "heads": heads, "optimizer": optimizer, "schedule": schedule}
 
     step, state_path = 0, out / "checkpoints" / "state.pt"
     model, metrics_path = out / "model", out / "metrics.json"
@@ -350,10 +361,7 @@ def pretrain(out: Path, config: EvalEncoderConfig | None = None) -> Path:
         state = load_torch(state_path)
         if state["classes"] != classes:
             raise UserError(f"{state_path}: the checkpoint's classes differ from the data's; use a new --out")
-        encoder.load_state_dict(state["encoder"])
-        heads.load_state_dict(state["heads"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
+        restore_states(state, trained)
         generator.set_state(state["generator"])
         step = state["step"]
 
@@ -381,10 +389,7 @@ def pretrain(out: Path, config: EvalEncoderConfig | None = None) -> Path:
             save_torch(
                 state_path,
                 {
-                    "encoder": encoder.state_dict(),
-                    "heads": heads.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(),
+                    **module_states(trained),
                     "generator": generator.get_state(),
                     "classes": classes,
                     "step": step,

@@ -19,7 +19,18 @@ from pathlib import Path
 
 import numpy as np
 
-from genadapt.runs import append_jsonl, progress, load_torch, save_torch, write_json, write_manifest, write_yaml
+from genadapt.runs import (
+    append_jsonl,
+    load_torch,
+    module_states,
+    progress,
+    restore_states,
+    save_torch,
+    use_cpu,
+    write_json,
+    write_manifest,
+    write_yaml,
+)
 
 
 @dataclass
@@ -131,15 +142,6 @@ def build_unet(config: PocketSDConfig):
     )
 
 
-def _set_threads(config: PocketSDConfig) -> None:
-    import torch
-
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    # Tiny weights and gradients drift into denormal floats, which x86 handles ~100x slower.
-    torch.set_flush_denormal(True)
-
-
 
 
 def _ema_update(ema, model, decay: float) -> None:
@@ -169,9 +171,7 @@ def train_vae(config: PocketSDConfig, images, out: Path):
     step, state_path = 0, out / "checkpoints" / "vae-state.pt"
     if state_path.is_file():
         state = load_torch(state_path)
-        vae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
+        restore_states(state, {"model": vae, "optimizer": optimizer, "schedule": schedule})
         torch.set_rng_state(state["rng"])
         step = state["step"]
         print(f"resuming from step {step} ({state_path})", file=sys.stderr)
@@ -197,7 +197,7 @@ def train_vae(config: PocketSDConfig, images, out: Path):
         if step % config.checkpoint_every == 0 or step == config.vae_steps:
             save_torch(
                 state_path,
-                {"model": vae.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "rng": torch.get_rng_state(), "step": step},
+                {**module_states({"model": vae, "optimizer": optimizer, "schedule": schedule}), "rng": torch.get_rng_state(), "step": step},
             )
     bar.close()
     vae.eval()
@@ -276,15 +276,14 @@ def train_unet(config: PocketSDConfig, images, vae, tokenizer, out: Path):
         ),
     )
     noise_scheduler = DDPMScheduler.from_config(noise_scheduler_config())
+    trained = {
+        "unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text,
+        "optimizer": optimizer, "schedule": schedule,
+    }
     step, state_path = 0, out / "checkpoints" / "unet-state.pt"
     if state_path.is_file():
         state = load_torch(state_path)
-        unet.load_state_dict(state["unet"])
-        text_encoder.load_state_dict(state["text_encoder"])
-        ema_unet.load_state_dict(state["ema_unet"])
-        ema_text.load_state_dict(state["ema_text"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
+        restore_states(state, trained)
         torch.set_rng_state(state["rng"])
         step = state["step"]
         print(f"resuming from step {step} ({state_path})", file=sys.stderr)
@@ -321,16 +320,7 @@ def train_unet(config: PocketSDConfig, images, vae, tokenizer, out: Path):
         if step % config.checkpoint_every == 0 or step == end:
             save_torch(
                 state_path,
-                {
-                    "unet": unet.state_dict(),
-                    "text_encoder": text_encoder.state_dict(),
-                    "ema_unet": ema_unet.state_dict(),
-                    "ema_text": ema_text.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "step": step,
-                },
+                {**module_states(trained), "rng": torch.get_rng_state(), "step": step},
             )
         if step % config.sample_every == 0 or step == end:
             pipeline = make_pipeline(vae, ema_text, tokenizer, ema_unet)
@@ -375,7 +365,7 @@ def pretrain(out: Path, config: PocketSDConfig | None = None) -> Path:
     config = config or PocketSDConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _set_threads(config)
+    use_cpu(config.threads)
     write_yaml(out / "config.yaml", {"model": "pocket-sd", **asdict(config)})
     images = load_dataset(config.data, resolution=config.resolution)
     write_manifest(out, config.seed, {"train": images})

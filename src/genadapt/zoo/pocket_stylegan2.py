@@ -47,7 +47,18 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from genadapt.runs import append_jsonl, progress, load_torch, save_torch, write_manifest, write_text, write_yaml
+from genadapt.runs import (
+    append_jsonl,
+    load_torch,
+    module_states,
+    progress,
+    restore_states,
+    save_torch,
+    use_cpu,
+    write_manifest,
+    write_text,
+    write_yaml,
+)
 
 MODEL_NAME = "pocket-stylegan2"
 
@@ -186,9 +197,7 @@ def pretrain(out: Path, config: PocketStyleGAN2Config | None = None, stop_after:
     config = config or PocketStyleGAN2Config()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    torch.set_flush_denormal(True)  # denormal floats are ~100x slower on x86
+    use_cpu(config.threads)
     write_yaml(out / "config.yaml", {"model": MODEL_NAME, **asdict(config)})
     images = load_dataset(config.data, resolution=config.size)
     write_manifest(out, config.seed, {"train": images})
@@ -201,6 +210,10 @@ def pretrain(out: Path, config: PocketStyleGAN2Config | None = None, stop_after:
     d_optim = torch.optim.Adam(discriminator.parameters(), lr=d_lr, betas=d_betas)
     augment = make_augment(config.augment)
     r1 = LazyR1(config.r1_gamma, config.r1_every)
+    trained = {
+        "generator": generator, "discriminator": discriminator, "generator_ema": g_ema,
+        "g_optim": g_optim, "d_optim": d_optim, "augment": augment,
+    }
 
     step, state_path = 0, out / "checkpoints" / "state.pt"
     architecture = {"generator": config.generator_kwargs(), "discriminator": config.discriminator_kwargs()}
@@ -211,12 +224,7 @@ def pretrain(out: Path, config: PocketStyleGAN2Config | None = None, stop_after:
                 f"{state_path} was trained with {state['architecture']}, not {architecture}; "
                 "use a new output folder or the original network settings"
             )
-        generator.load_state_dict(state["generator"])
-        discriminator.load_state_dict(state["discriminator"])
-        g_ema.load_state_dict(state["generator_ema"])
-        g_optim.load_state_dict(state["g_optim"])
-        d_optim.load_state_dict(state["d_optim"])
-        augment.load_state_dict(state["augment"])
+        restore_states(state, trained)
         torch.set_rng_state(state["rng"])
         step = state["step"]
         _truncate_log(out, step)
@@ -227,12 +235,7 @@ def pretrain(out: Path, config: PocketStyleGAN2Config | None = None, stop_after:
             {
                 "step": step,
                 "architecture": architecture,
-                "generator": generator.state_dict(),
-                "discriminator": discriminator.state_dict(),
-                "generator_ema": g_ema.state_dict(),
-                "g_optim": g_optim.state_dict(),
-                "d_optim": d_optim.state_dict(),
-                "augment": augment.state_dict(),
+                **module_states(trained),
                 "rng": torch.get_rng_state(),
             },
         )
