@@ -71,7 +71,7 @@ def cached_vs_on_the_fly(steps: int) -> dict:
     model = diffusion.load("pocket-sd")
     LoRA(rank=4).prepare(model)
     images = load_dataset("builtin:openmoji/flags", shots=10, seed=0).tensors()
-    embeds = diffusion.encode_text(model, diffusion.tokenize(model, ["flag"] * 4)).detach()
+    text = diffusion.encode_text(model, diffusion.tokenize(model, ["flag"] * 4)).detach()
     optimizer = torch.optim.AdamW([p for p in model.unet.parameters() if p.requires_grad], lr=1e-4)
     generator = torch.Generator().manual_seed(0)
     mean, std = diffusion.encode_images(model, images)
@@ -86,7 +86,7 @@ def cached_vs_on_the_fly(steps: int) -> dict:
                 with torch.no_grad():
                     latents = model.vae.encode(images[index]).latent_dist.sample(generator) * model.vae.config.scaling_factor
             noisy, noise, timesteps = diffusion.add_noise(model, latents.contiguous(), generator)
-            loss = diffusion.denoise_loss(model.unet(noisy, timesteps, embeds).sample, noise)
+            loss = diffusion.denoise_loss(diffusion.predict(model, model.unet, noisy, timesteps, text), noise)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()

@@ -12,12 +12,12 @@ from genadapt.errors import DataError
 
 @pytest.fixture(scope="module")
 def domains():
-    names = ["source", "flags/train", "flags/reference", "dark-skin/train", "dark-skin/reference"]
+    names = ["source/train", "source/reference", "flags/train", "flags/reference", "dark-skin/train", "dark-skin/reference"]
     return {name: load_dataset(f"builtin:openmoji/{name}", resolution=32) for name in names}
 
 
 def test_openmoji_renders_captioned_rgb(domains):
-    source = domains["source"]
+    source = domains["source/train"]
     assert len(source) > 2500 and source.pixels.shape[1:] == (32, 32, 3)
     assert all(source.captions) and all(record.label.startswith("source/") for record in source.records)
     assert source.pixels.std() > 20  # glyphs, not blank canvases
@@ -36,8 +36,8 @@ def test_target_domains_are_what_they_say(domains):
     assert all(caption.startswith("flag") or "flag" in caption for caption in domains["flags/train"].captions)
     assert all("dark skin tone" in caption for caption in domains["dark-skin/reference"].captions)
     dark = re.compile(r"(?<!medium-)dark skin tone")
-    assert not any(dark.search(caption) for caption in domains["source"].captions)
-    assert not any(caption.split()[0] == "flag" for caption in domains["source"].captions)
+    assert not any(dark.search(caption) for caption in domains["source/train"].captions)
+    assert not any(caption.split()[0] == "flag" for caption in domains["source/train"].captions)
     for name in ("flags/train", "flags/reference", "dark-skin/train", "dark-skin/reference"):
         assert len(domains[name]) >= 100
 
@@ -63,7 +63,7 @@ def test_digits_builtin():
     "spec, message",
     [
         ("builtin:openmoji/cats", "unknown OpenMoji domain"),
-        ("builtin:openmoji/source/reference", "unknown split"),
+        ("builtin:openmoji/source/test", "unknown split"),
         ("builtin:nope", "unknown built-in dataset"),
         ("builtin:openmoji/flags?shots=ten", "must be integers"),
         ("builtin:openmoji/flags?shots=100000", "only"),

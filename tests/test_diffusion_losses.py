@@ -53,14 +53,14 @@ def test_relational_zero_before_adaptation_with_lora(base, tmp_path):
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(3, 4, 8, 8, generator=generator)
     noisy, noise, timesteps = diffusion.add_noise(model, latents, generator)
-    embeds = diffusion.encode_text(model, diffusion.tokenize(model, ["a", "b", "c"]))
-    prediction = model.unet(noisy, timesteps, embeds).sample
-    step = Step(0, model, {"text_embeds": embeds}, {"noisy": noisy, "timesteps": timesteps, "prediction": prediction})
+    text = diffusion.encode_text(model, diffusion.tokenize(model, ["a", "b", "c"]))
+    prediction = diffusion.predict(model, model.unet, noisy, timesteps, text)
+    step = Step(0, model, {"text": text}, {"noisy": noisy, "timesteps": timesteps, "prediction": prediction})
     assert float(relational.loss(step)["relational"]) == pytest.approx(0.0, abs=1e-6)
     with torch.no_grad():
         for name, parameter in model.unet.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.5)
-    drifted = model.unet(noisy, timesteps, embeds).sample
-    step = Step(0, model, {"text_embeds": embeds}, {"noisy": noisy, "timesteps": timesteps, "prediction": drifted})
+    drifted = diffusion.predict(model, model.unet, noisy, timesteps, text)
+    step = Step(0, model, {"text": text}, {"noisy": noisy, "timesteps": timesteps, "prediction": drifted})
     assert float(relational.loss(step)["relational"]) > 1e-6

@@ -36,9 +36,9 @@ def _state(module):
 def _unet_output(model, seed=0):
     generator = torch.Generator().manual_seed(seed)
     latents = torch.randn(2, 4, 8, 8, generator=generator)
-    embeds = diffusion.encode_text(model, diffusion.tokenize(model, ["a handwritten digit three"] * 2))
+    text = diffusion.encode_text(model, diffusion.tokenize(model, ["a handwritten digit three"] * 2))
     with torch.no_grad():
-        return model.unet(latents, torch.tensor([10, 600]), embeds).sample
+        return diffusion.predict(model, model.unet, latents, torch.tensor([10, 600]), text)
 
 
 def test_full_changes_unet_and_nothing_else(base, tmp_path):

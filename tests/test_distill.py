@@ -31,7 +31,7 @@ def _train_teacher(folder, steps=100):
     model.vae.register_to_config(scaling_factor=float(1.0 / mean.std()))  # as pocket-sd sets it
     scale = model.vae.config.scaling_factor
     with torch.no_grad():
-        embeds = diffusion.encode_text(model, diffusion.tokenize(model, images.captions[:256] + [""]))
+        embeds = diffusion.encode_text(model, diffusion.tokenize(model, images.captions[:256] + [""])).embeds
     generator = torch.Generator().manual_seed(0)
     unet = model.unet.requires_grad_(True).train()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=2e-3)

@@ -40,7 +40,9 @@ def load_run_model(run_or_model: str, loras: list[tuple[str, float]] | None = No
         else:
             model = diffusion.load(config["base"])
             if (path / "learned_embeds.safetensors").is_file():
-                model.pipeline.load_textual_inversion(str(path / "learned_embeds.safetensors"))
+                from genadapt.export.embeddings import load_into
+
+                load_into(model.pipeline, path)
             if (path / "pytorch_lora_weights.safetensors").is_file():
                 loras = [(str(path), 1.0)] + list(loras or [])
     else:

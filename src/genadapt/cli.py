@@ -134,7 +134,7 @@ def zoo_show(name: str = typer.Argument(..., help="A zoo model name.")) -> None:
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
 @user_errors
 def adapt(
-    base: Optional[str] = typer.Option(None, help="pocket-sd, pocket-stylegan2, a diffusers pipeline folder, a StyleGAN2 model folder or rosinality .pt, or a hub id.  [default: pocket-sd]"),
+    base: Optional[str] = typer.Option(None, help="pocket-sd, pocket-stylegan2, a diffusers SD or SDXL pipeline folder, a StyleGAN2 model folder or rosinality .pt, or a hub id.  [default: pocket-sd]"),
     data: Optional[str] = typer.Option(None, "--data", "--instance-data-dir", "--train-data-dir", help="Folder of images or builtin:... spec."),
     caption: Optional[str] = typer.Option(None, "--caption", "--instance-prompt", help="Prompt for images without a caption of their own."),
     shots: Optional[int] = typer.Option(None, help="Use a deterministic k-shot subset of the data."),

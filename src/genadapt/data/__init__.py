@@ -3,7 +3,8 @@
 `load_dataset(spec)` accepts a folder path or a built-in spec:
 
     builtin:openmoji                      every rendered OpenMoji (all domains)
-    builtin:openmoji/source               the pretraining split
+    builtin:openmoji/source               the whole pretraining domain
+    builtin:openmoji/source/train         its 90% pretraining part (source/reference: the 10% held out)
     builtin:openmoji/flags                a target domain's train pool (also dark-skin)
     builtin:openmoji/flags/reference      its held-out evaluation set
     builtin:digits  builtin:digits/7      scikit-learn digits (all, or one class)
@@ -59,8 +60,8 @@ def _load_builtin(name: str, resolution: int):
         if domain not in openmoji.DOMAINS:
             raise DataError(f"{name}: unknown OpenMoji domain {domain!r}; choose one of {', '.join(openmoji.DOMAINS)}")
         split = parts[2] if len(parts) > 2 else ("train" if domain != "source" else None)
-        if split not in (None, *openmoji.SPLITS) or (domain == "source" and split == "reference"):
-            raise DataError(f"{name}: unknown split {split!r}; use train or reference (target domains only)")
+        if split not in (None, *openmoji.SPLITS):
+            raise DataError(f"{name}: unknown split {split!r}; use train or reference")
         return openmoji.load_domain(domain, split, resolution)
     if parts[0] == "digits":
         if len(parts) == 1:

@@ -5,6 +5,8 @@ open-source emoji and icon project." Rendering happens once per resolution and i
 
 Domains (documented in docs/data.md), disjoint by construction and by pixels:
 - `source`: everything except flags and except any emoji with the dark skin tone; pretraining data.
+  `source` alone is the whole domain; `source/train` (about 90%) and `source/reference` (about
+  10%, by a hash of the code) let a model pretrain on one part and be measured on the other.
 - `flags`: every flag (country, subdivision and other flags): a target far from the source.
 - `dark-skin`: people emoji whose skin-tone modifiers are all U+1F3FF: a near target, an
   attribute shift of people the source knows in the four lighter tones.
@@ -127,8 +129,11 @@ def domain_of(code: str, group: str) -> str | None:
     return "source"
 
 
-def split_of(code: str) -> str:
-    return SPLITS[hashlib.sha1(code.encode()).digest()[0] % 2]
+def split_of(code: str, domain: str) -> str:
+    digest = hashlib.sha1(code.encode()).digest()
+    if domain == "source":
+        return "reference" if digest[1] % 10 == 0 else "train"
+    return SPLITS[digest[0] % 2]
 
 
 def render(codes: list[str], resolution: int) -> np.ndarray:
@@ -156,7 +161,7 @@ def _version() -> str:
 
 def load_all(resolution: int = 32) -> ImageSet:
     """Every nameable OpenMoji at `resolution`, with domain and split in each record's label."""
-    path = cache_dir() / f"openmoji-{_version()}-{resolution}px.npz"
+    path = cache_dir() / f"openmoji-{_version()}-{resolution}px-v2.npz"  # v2: source has a reference split
     if path.is_file():
         with np.load(path, allow_pickle=False) as stored:
             pixels = stored["pixels"]
@@ -179,7 +184,7 @@ def load_all(resolution: int = 32) -> ImageSet:
         if domain is None or blank or digest in seen:
             continue  # identical renderings (e.g. with/without FE0F) would leak across splits
         seen[digest] = code
-        split = "train" if domain == "source" else split_of(code)
+        split = split_of(code, domain)
         records.append(ImageRecord(id=code, caption=caption, label=f"{domain}/{split}/{group}", sha256=digest))
         keep.append(index)
     pixels = pixels[keep]

@@ -43,18 +43,51 @@ def to_kohya(state: dict[str, torch.Tensor], prefix: str, scale: float) -> dict[
     return out
 
 
-def kohya_metadata(technique, metadata: dict, resolution: int) -> dict[str, str]:
+RESNET_TO_SGM = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+
+
+def sgm_unet_key(module: str, layers_per_block: int) -> str | None:
+    """diffusers UNet module path -> the original (SGM) path that kohya's SDXL LoRAs name, or None.
+
+    SGM numbers blocks flat: input_blocks[1 + level·(L+1) + j], output_blocks[level·(L+1) + j] with L
+    diffusers' layers_per_block (each input level ends with a downsampler, each output level has L+1
+    layers); inside a block, index 0 is the resnet and 1 the transformer. The inverse of diffusers'
+    `_maybe_map_sgm_blocks_to_diffusers` for resnets and attentions.
+    """
+    import re
+
+    parts = module.split(".")
+    inner = {"resnets": "0", "attentions": "1"}
+    if re.fullmatch(r"(down|up)_blocks", parts[0]) and len(parts) > 4 and parts[2] in inner:
+        level, layer = int(parts[1]), int(parts[3])
+        offset = 1 if parts[0] == "down_blocks" else 0
+        block = f"{'input' if offset else 'output'}_blocks.{offset + level * (layers_per_block + 1) + layer}.{inner[parts[2]]}"
+        rest = parts[4:]
+    elif parts[0] == "mid_block" and len(parts) > 3 and parts[1] in inner:
+        block = f"middle_block.{int(parts[2]) * 2 if parts[1] == 'resnets' else 1}"
+        rest = parts[3:]
+    else:
+        return None
+    if parts[2 if parts[0] != "mid_block" else 1] == "resnets":
+        name = ".".join(rest)
+        if name not in RESNET_TO_SGM:
+            return None
+        rest = [RESNET_TO_SGM[name]]
+    return ".".join([block, *rest])
+
+
+def kohya_metadata(technique, metadata: dict, resolution: int, sdxl: bool = False) -> dict[str, str]:
     """sd-scripts' minimum `ss_*` keys plus the SAI model spec, all strings (safetensors requires it)."""
     values = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(technique.rank),
         "ss_network_alpha": str(technique.scale * technique.rank),
         "ss_network_args": json.dumps({"use_dora": technique.use_dora, "use_rslora": technique.use_rslora}),
-        "ss_base_model_version": "sd_v1",
+        "ss_base_model_version": "sdxl_base_v1-0" if sdxl else "sd_v1",
         "ss_v2": "False",
         "ss_training_comment": "trained with genadapt",
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora" if sdxl else "stable-diffusion-v1/lora",
         "modelspec.implementation": "diffusers",
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.date": datetime.now(timezone.utc).date().isoformat(),
@@ -65,32 +98,39 @@ def kohya_metadata(technique, metadata: dict, resolution: int) -> dict[str, str]
 
 def save_lora(model, technique, out: Path, metadata: dict | None = None) -> list[Path]:
     """Write the diffusers file, its kohya twin, and a peft adapter folder into `out`."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from genadapt.techniques.lora import ADAPTER, TEXT_ENCODER_TARGETS
 
     out.mkdir(parents=True, exist_ok=True)
     unet_state = adapter_state(model.unet, ADAPTER)
-    text_state = adapter_state(model.text_encoder, ADAPTER) if technique.trains_text_encoder else {}
+    text_states = [adapter_state(encoder, ADAPTER) if technique.trains_text_encoder else {} for _, encoder in model.text_encoders]
+    text_metadata = technique.peft_config(TEXT_ENCODER_TARGETS).to_dict() if technique.trains_text_encoder else None
 
     staging = out / ".lora.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     # peft key names, as diffusers' own scripts save them: converting to the legacy `lora.down/up`
     # names renames only attention layers, and a file mixing both namings loads partially.
-    StableDiffusionPipeline.save_lora_weights(
-        staging,
+    common = dict(
         unet_lora_layers=unet_state,
-        text_encoder_lora_layers=text_state or None,
+        text_encoder_lora_layers=text_states[0] or None,
         unet_lora_adapter_metadata=technique.peft_config(technique.targets).to_dict(),
-        text_encoder_lora_adapter_metadata=technique.peft_config(TEXT_ENCODER_TARGETS).to_dict() if text_state else None,
+        text_encoder_lora_adapter_metadata=text_metadata,
         weight_name=DIFFUSERS_FILE,
     )
+    if model.is_sdxl:
+        StableDiffusionXLPipeline.save_lora_weights(
+            staging, text_encoder_2_lora_layers=text_states[1] or None, text_encoder_2_lora_adapter_metadata=text_metadata, **common
+        )
+    else:
+        StableDiffusionPipeline.save_lora_weights(staging, **common)
     (staging / DIFFUSERS_FILE).replace(out / DIFFUSERS_FILE)
     shutil.rmtree(staging, ignore_errors=True)
 
-    kohya = to_kohya(unet_state, "lora_unet", technique.scale)
-    kohya.update(to_kohya(text_state, "lora_te", technique.scale))
-    save_safetensors(out / KOHYA_FILE, kohya, kohya_metadata(technique, metadata or {}, model.resolution))
+    files = [out / DIFFUSERS_FILE]
+    kohya = kohya_state(model, unet_state, text_states, technique.scale)
+    if kohya is not None:
+        files.append(save_safetensors(out / KOHYA_FILE, kohya, kohya_metadata(technique, metadata or {}, model.resolution, model.is_sdxl)))
 
     peft_folder = out / "peft"
     peft_folder.mkdir(exist_ok=True)
@@ -98,4 +138,24 @@ def save_lora(model, technique, out: Path, metadata: dict | None = None) -> list
     config = technique.peft_config(technique.targets).to_dict()
     config["target_modules"] = sorted(config["target_modules"]) if isinstance(config["target_modules"], (set, list)) else config["target_modules"]
     (peft_folder / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str))
-    return [out / DIFFUSERS_FILE, out / KOHYA_FILE, peft_folder]
+    return files + [peft_folder]
+
+
+def kohya_state(model, unet_state: dict, text_states: list[dict], scale: float) -> dict | None:
+    """kohya names: SD 1.x keeps diffusers' module paths (`lora_unet_`, `lora_te_`); SDXL uses the
+    original UNet's paths and `lora_te1_`/`lora_te2_`. None (with a note) if a module has no SDXL name."""
+    if not model.is_sdxl:
+        return {**to_kohya(unet_state, "lora_unet", scale), **to_kohya(text_states[0], "lora_te", scale)}
+    layers = model.unet.config.layers_per_block
+    renamed = {}
+    for key, value in unet_state.items():
+        module, _, suffix = key.partition(".lora_")
+        sgm = sgm_unet_key(module, layers)
+        if sgm is None:
+            print(f"note: no kohya SDXL name for UNet module {module}; only the diffusers file holds this LoRA")
+            return None
+        renamed[f"{sgm}.lora_{suffix}"] = value
+    state = to_kohya(renamed, "lora_unet", scale)
+    for prefix, text_state in zip(("lora_te1", "lora_te2"), text_states):
+        state.update(to_kohya(text_state, prefix, scale))
+    return state

@@ -1,7 +1,11 @@
 """The diffusion family: load a Stable Diffusion-shaped pipeline, compute its training loss, sample, save.
 
-Works on pocket-sd, any diffusers `StableDiffusionPipeline` folder, or a hub id (downloaded by
-diffusers only if the user names one; nothing here downloads on its own).
+Works on pocket-sd, any diffusers `StableDiffusionPipeline` or `StableDiffusionXLPipeline` folder,
+or a hub id (downloaded by diffusers only if the user names one; nothing here downloads on its own).
+
+SDXL (Podell et al. 2023) conditions the UNet on both text encoders' penultimate hidden states,
+concatenated, plus the second encoder's pooled projection and six "micro-conditioning" numbers
+(original size, crop corner, target size); `encode_text` and `predict` hide that difference.
 """
 
 from __future__ import annotations
@@ -15,6 +19,27 @@ import torch.nn.functional as F
 from genadapt.errors import UserError
 
 FAMILY = "diffusion"
+SDXL_PIPELINE = "StableDiffusionXLPipeline"
+
+
+@dataclass
+class TextCondition:
+    """What the UNet is conditioned on: token states, and for SDXL the pooled text embedding."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.embeds)
+
+    def __getitem__(self, index) -> "TextCondition":
+        return TextCondition(self.embeds[index], None if self.pooled is None else self.pooled[index])
+
+    def expand(self, count: int) -> "TextCondition":
+        return TextCondition(self.embeds.expand(count, -1, -1), None if self.pooled is None else self.pooled.expand(count, -1))
+
+    def detach(self) -> "TextCondition":
+        return TextCondition(self.embeds.detach(), None if self.pooled is None else self.pooled.detach())
 
 
 @dataclass
@@ -38,6 +63,18 @@ class DiffusionModel:
         return self.pipeline.tokenizer
 
     @property
+    def is_sdxl(self) -> bool:
+        return getattr(self.pipeline, "text_encoder_2", None) is not None
+
+    @property
+    def text_encoders(self) -> list[tuple[object, torch.nn.Module]]:
+        """(tokenizer, encoder) pairs: one for SD 1.x/2.x, two for SDXL."""
+        pairs = [(self.pipeline.tokenizer, self.pipeline.text_encoder)]
+        if self.is_sdxl:
+            pairs.append((self.pipeline.tokenizer_2, self.pipeline.text_encoder_2))
+        return pairs
+
+    @property
     def vae(self):
         return self.pipeline.vae
 
@@ -46,8 +83,11 @@ class DiffusionModel:
         return int(self.unet.config.sample_size) * self.pipeline.vae_scale_factor
 
     def modules(self) -> dict[str, torch.nn.Module]:
-        """The adaptable modules, by the prefix their parameter names carry (`unet.`, `text_encoder.`)."""
-        return {"unet": self.unet, "text_encoder": self.text_encoder}
+        """The adaptable modules, by the prefix their parameter names carry (`unet.`, `text_encoder.`, `text_encoder_2.`)."""
+        modules = {"unet": self.unet, "text_encoder": self.text_encoder}
+        if self.is_sdxl:
+            modules["text_encoder_2"] = self.pipeline.text_encoder_2
+        return modules
 
     def named_parameters(self):
         for prefix, module in self.modules().items():
@@ -70,24 +110,27 @@ def resolve_base(base: str) -> str:
 
 def load(base: str, dtype: torch.dtype = torch.float32) -> DiffusionModel:
     """A frozen pipeline (every parameter requires_grad=False); techniques decide what trains."""
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers import DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()
     location = resolve_base(base)
     try:
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            location, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-        )
+        if DiffusionPipeline.load_config(location).get("_class_name") == SDXL_PIPELINE:
+            pipeline = StableDiffusionXLPipeline.from_pretrained(location, dtype=dtype)
+        else:
+            pipeline = StableDiffusionPipeline.from_pretrained(
+                location, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+            )
     except (OSError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"--base {base}: cannot load a Stable Diffusion pipeline ({first}); pass pocket-sd, a pipeline folder or a hub id you have access to") from None
     pipeline.set_progress_bar_config(disable=True)
-    for module in (pipeline.unet, pipeline.text_encoder, pipeline.vae):
+    model = DiffusionModel(pipeline=pipeline, base=base, noise_scheduler=DDPMScheduler.from_config(pipeline.scheduler.config))
+    for module in (*model.modules().values(), pipeline.vae):
         module.requires_grad_(False)
         module.eval()
-    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
-    return DiffusionModel(pipeline=pipeline, base=base, noise_scheduler=noise_scheduler)
+    return model
 
 
 def encode_images(model: DiffusionModel, pixels: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,13 +147,39 @@ def encode_images(model: DiffusionModel, pixels: torch.Tensor, batch_size: int =
 
 
 def tokenize(model: DiffusionModel, captions: list[str]) -> torch.Tensor:
-    return model.tokenizer(
-        captions, padding="max_length", max_length=model.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
+    """Token ids, [N, L]; for SDXL both tokenizers' ids stacked, [N, 2, L]."""
+    ids = [
+        tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        for tokenizer, _ in model.text_encoders
+    ]
+    return ids[0] if len(ids) == 1 else torch.stack(ids, dim=1)
 
 
-def encode_text(model: DiffusionModel, token_ids: torch.Tensor) -> torch.Tensor:
-    return model.text_encoder(token_ids.to(model.text_encoder.device))[0]
+def encode_text(model: DiffusionModel, token_ids: torch.Tensor, encoders: list | None = None) -> TextCondition:
+    """The UNet's conditioning for `token_ids`; `encoders` replaces the model's (e.g. wrapped for DDP)."""
+    encoders = encoders or [encoder for _, encoder in model.text_encoders]
+    device = next(encoders[0].parameters()).device
+    if not model.is_sdxl:
+        return TextCondition(encoders[0](token_ids.to(device))[0])
+    # As diffusers' SDXL pipeline: penultimate layer of each encoder, pooled projection of the second.
+    states = []
+    for position, encoder in enumerate(encoders):
+        output = encoder(token_ids[:, position].to(device), output_hidden_states=True)
+        states.append(output.hidden_states[-2])
+        pooled = output[0]
+    return TextCondition(torch.cat(states, dim=-1), pooled)
+
+
+def predict(model: DiffusionModel, unet, noisy: torch.Tensor, timesteps: torch.Tensor, text: TextCondition) -> torch.Tensor:
+    """The UNet's output for x_t; SDXL's size conditioning is the training resolution with no crop,
+    which is what our data loader produces (and what its pipeline uses by default at sampling)."""
+    device = noisy.device
+    extra = {}
+    if text.pooled is not None:
+        size = model.resolution
+        time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=text.pooled.dtype, device=device).repeat(len(noisy), 1)
+        extra["added_cond_kwargs"] = {"text_embeds": text.pooled.to(device), "time_ids": time_ids}
+    return unet(noisy, timesteps.to(device), text.embeds.to(device), **extra).sample
 
 
 def add_noise(model: DiffusionModel, latents: torch.Tensor, generator: torch.Generator, timesteps: torch.Tensor | None = None):

@@ -168,8 +168,11 @@ def load_teacher(teacher: str) -> diffusion.DiffusionModel:
             model.pipeline.fuse_lora()
             model.pipeline.unload_lora_weights()  # keeps the fused weights, drops the adapter layers
         model.unet.requires_grad_(False)
-        return model
-    return diffusion.load(teacher)
+    else:
+        model = diffusion.load(teacher)
+    if model.is_sdxl:
+        raise UserError(f"--teacher {teacher}: distillation takes SD 1.x/2.x pipelines; SDXL teachers are not supported yet (adapt and sample are)")
+    return model
 
 
 def resolve_prompts(config: DistillConfig, model):
@@ -617,7 +620,7 @@ def evaluate(config: DistillConfig, prompts: list[str], student_pipeline, studen
         save_grid(pixels[name], out / "samples" / f"{name}-{entry['steps']}-steps.png", columns=min(8, len(eval_prompts)), scale=2)
 
     probe_latents = latents[: min(4, len(latents))]
-    probe_embeds = diffusion.encode_text(teacher, diffusion.tokenize(teacher, eval_prompts[: len(probe_latents)])).to(device)
+    probe_embeds = diffusion.encode_text(teacher, diffusion.tokenize(teacher, eval_prompts[: len(probe_latents)])).embeds.to(device)
     if "student_one_step" in report:
         report["student"]["note"] = (
             "LCMScheduler re-noises with fresh noise between steps, so multistep samples leave the teacher's trajectory: "
@@ -704,8 +707,8 @@ def distill(config: DistillConfig, accelerator=None) -> Path:
     teacher.pipeline.to(device)
     data = teacher_samples(teacher, config, prompts, out)
     with torch.no_grad():
-        embeds = diffusion.encode_text(teacher, diffusion.tokenize(teacher, prompts)).float().cpu()
-        uncond = diffusion.encode_text(teacher, diffusion.tokenize(teacher, [""])).float().to(device)
+        embeds = diffusion.encode_text(teacher, diffusion.tokenize(teacher, prompts)).embeds.float().cpu()
+        uncond = diffusion.encode_text(teacher, diffusion.tokenize(teacher, [""])).embeds.float().to(device)
 
     stages = len(_rounds(config)) if config.kind == "progressive" else 1
     # One explicit generator drives batches, noise and timesteps across stages, so a resumed run is the same run.

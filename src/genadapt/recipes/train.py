@@ -118,19 +118,19 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
     latents_mean, latents_std = diffusion.encode_images(model, images.tensors())
     scale = model.vae.config.scaling_factor
     token_ids = diffusion.tokenize(model, captions)
-    text_embeds = None
+    cached_text = None
     if not technique.trains_text_encoder:
         with torch.no_grad():
-            text_embeds = diffusion.encode_text(model, token_ids)
+            cached_text = diffusion.encode_text(model, token_ids)
 
     parameters = technique.parameters(model)
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=technique.weight_decay)
     # Only modules with trainable weights go through prepare (DDP refuses a module with none).
-    unet, text_encoder = model.unet, model.text_encoder
-    if any(p.requires_grad for p in unet.parameters()):
-        unet = accelerator.prepare(unet)
-    if any(p.requires_grad for p in text_encoder.parameters()):
-        text_encoder = accelerator.prepare(text_encoder)
+    def prepared(module):
+        return accelerator.prepare(module) if any(p.requires_grad for p in module.parameters()) else module
+
+    unet = prepared(model.unet)
+    text_encoders = [prepared(encoder) for _, encoder in model.text_encoders]
     optimizer = accelerator.prepare(optimizer)
 
     # One explicit generator drives batches, noise and timesteps, so a resumed run is the same run;
@@ -157,14 +157,14 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
         latents = (latents_mean[index] + latents_std[index] * noise_for_latents) * scale
         noisy, noise, timesteps = diffusion.add_noise(model, latents, generator)
         with accelerator.accumulate(unet):
-            embeds = text_embeds[index] if text_embeds is not None else text_encoder(token_ids[index].to(accelerator.device))[0]
-            prediction = unet(noisy.to(accelerator.device), timesteps.to(accelerator.device), embeds).sample
+            text = cached_text[index] if cached_text is not None else diffusion.encode_text(model, token_ids[index], text_encoders)
+            prediction = diffusion.predict(model, unet, noisy.to(accelerator.device), timesteps, text)
             target = diffusion.target_for(model, latents, noise, timesteps).to(prediction.device)
             terms = {"denoise": diffusion.denoise_loss(prediction, target)}
             step = Step(
                 index=step_index,
                 model=model,
-                batch={"latents": latents, "token_ids": token_ids[index], "text_embeds": embeds, "index": index},
+                batch={"latents": latents, "token_ids": token_ids[index], "text": text, "index": index},
                 outputs={"noisy": noisy, "noise": noise, "timesteps": timesteps, "prediction": prediction, "target": target},
                 generator=generator,
             )

@@ -21,7 +21,7 @@ class Step:
 
     index: int
     model: object
-    batch: dict  # latents, text_embeds/token_ids (diffusion) or real images (GAN)
+    batch: dict  # latents, text (a TextCondition)/token_ids (diffusion) or real images (GAN)
     outputs: dict = field(default_factory=dict)  # noisy, timesteps, prediction, target, ...
     generator: torch.Generator | None = None
 

@@ -1,7 +1,7 @@
 """Textual inversion (Gal et al. 2022, eq. 2): v* = argmin_v E ||ε − ε_θ(z_t, t, c_θ(y(v)))||².
 
 The generator and the text encoder stay frozen; only the new placeholder rows of the token
-embedding learn. Other rows are held bitwise by zeroing their gradient (and no weight decay).
+embedding learn (for SDXL, in both text encoders, as diffusers' SDXL textual-inversion example). Other rows are held bitwise by zeroing their gradient (and no weight decay).
 """
 
 from __future__ import annotations
@@ -27,12 +27,19 @@ class TextualInversion:
         self.token_ids: list[int] = []
 
     def prepare(self, model) -> None:
-        tokenizer, encoder = model.tokenizer, model.text_encoder
+        for tokenizer, encoder in model.text_encoders:  # SDXL: both encoders learn their own vectors
+            self._add_rows(tokenizer, encoder)
+        model.extras["placeholder"] = " ".join(self.tokens)
+
+    def _add_rows(self, tokenizer, encoder) -> None:
         added = tokenizer.add_tokens(self.tokens)
         if added != len(self.tokens):
             raise UserError(f"--token {self.token}: already in the tokenizer's vocabulary; pick a new placeholder like <my-style>")
         encoder.resize_token_embeddings(len(tokenizer))
-        self.token_ids = tokenizer.convert_tokens_to_ids(self.tokens)
+        token_ids = tokenizer.convert_tokens_to_ids(self.tokens)
+        if self.token_ids and token_ids != self.token_ids:
+            raise UserError(f"--token {self.token}: the two tokenizers give it different ids; report this base model")
+        self.token_ids = token_ids
         weight = encoder.get_input_embeddings().weight
         with torch.no_grad():
             if self.init_token:
@@ -43,7 +50,6 @@ class TextualInversion:
             else:
                 start = weight[: min(self.token_ids)].mean(0)  # the centroid: no semantic prior
             weight[self.token_ids] = start
-        model.extras["placeholder"] = " ".join(self.tokens)
         mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype)
         mask[self.token_ids] = 1.0
         weight.requires_grad_(True)
@@ -56,14 +62,15 @@ class TextualInversion:
         return re.sub(re.escape(self.token) + r"(?!_\d)", " ".join(self.tokens), caption, count=1)
 
     def parameters(self, model):
-        return [model.text_encoder.get_input_embeddings().weight]
+        return [encoder.get_input_embeddings().weight for _, encoder in model.text_encoders]
 
     def trained_parameters(self, model) -> int:
-        """Only the new rows learn, not the whole embedding table the optimiser holds."""
-        return len(self.token_ids) * model.text_encoder.get_input_embeddings().weight.shape[1]
+        """Only the new rows learn, not the whole embedding tables the optimiser holds."""
+        return sum(len(self.token_ids) * weight.shape[1] for weight in self.parameters(model))
 
-    def learned(self, model) -> torch.Tensor:
-        return model.text_encoder.get_input_embeddings().weight[self.token_ids].detach().float().cpu()
+    def learned(self, model) -> list[torch.Tensor]:
+        """The new rows of each text encoder (one tensor for SD, two for SDXL)."""
+        return [weight[self.token_ids].detach().float().cpu() for weight in self.parameters(model)]
 
     def save(self, model, out: Path) -> list[Path]:
         from genadapt.export.embeddings import save_embeddings

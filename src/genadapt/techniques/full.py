@@ -17,7 +17,8 @@ class FullFineTuning:
     def prepare(self, model) -> None:
         model.unet.requires_grad_(True)
         if self.trains_text_encoder:
-            model.text_encoder.requires_grad_(True)
+            for _, encoder in model.text_encoders:
+                encoder.requires_grad_(True)
 
     def parameters(self, model):
         return trainable(model)

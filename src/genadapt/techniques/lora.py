@@ -60,7 +60,8 @@ class LoRA:
             from peft import inject_adapter_in_model
 
             # transformers' own add_adapter demands a newer peft than PyPI has; peft injects the same layers.
-            inject_adapter_in_model(self.peft_config(TEXT_ENCODER_TARGETS), model.text_encoder, adapter_name=ADAPTER)
+            for _, encoder in model.text_encoders:
+                inject_adapter_in_model(self.peft_config(TEXT_ENCODER_TARGETS), encoder, adapter_name=ADAPTER)
         for name, parameter in model.named_parameters():
             parameter.requires_grad_("lora_" in name)
 

@@ -44,7 +44,7 @@ def source_prediction(step: Step) -> torch.Tensor:
     if "source_prediction" not in step.outputs:
         outputs, batch = step.outputs, step.batch
         with torch.no_grad(), _source_unet(step.model) as unet:
-            step.outputs["source_prediction"] = unet(outputs["noisy"], outputs["timesteps"], batch["text_embeds"].detach()).sample
+            step.outputs["source_prediction"] = diffusion.predict(step.model, unet, outputs["noisy"], outputs["timesteps"], batch["text"].detach())
     return step.outputs["source_prediction"]
 
 
@@ -84,7 +84,7 @@ class PriorPreservation:
         with torch.no_grad():
             class_images = diffusion.sample(model, prompts, steps=config.sample_steps, guidance=config.guidance_scale, seed=config.seed + 1)
             self.latents_mean, self.latents_std = diffusion.encode_images(model, class_images)
-            self.text_embeds = diffusion.encode_text(model, diffusion.tokenize(model, [prompt]))
+            self.text = diffusion.encode_text(model, diffusion.tokenize(model, [prompt]))
         self.scale = model.vae.config.scaling_factor
         save_grid(class_images, config.out / "class_images.png", scale=2)
 
@@ -94,8 +94,7 @@ class PriorPreservation:
         noise = torch.randn(self.latents_mean[index].shape, generator=generator)
         latents = (self.latents_mean[index] + self.latents_std[index] * noise) * self.scale
         noisy, noise, timesteps = diffusion.add_noise(model, latents, generator)
-        embeds = self.text_embeds.expand(len(latents), -1, -1)
-        prediction = model.unet(noisy, timesteps, embeds).sample
+        prediction = diffusion.predict(model, model.unet, noisy, timesteps, self.text.expand(len(latents)))
         return {"prior": diffusion.denoise_loss(prediction, diffusion.target_for(model, latents, noise, timesteps))}
 
 
@@ -119,14 +118,14 @@ class EWC:
         with torch.no_grad():
             samples = diffusion.sample(model, prompts, steps=config.sample_steps, guidance=config.guidance_scale, seed=config.seed + 2)
             mean, std = diffusion.encode_images(model, samples)
-            embeds = diffusion.encode_text(model, diffusion.tokenize(model, prompts))
+            text = diffusion.encode_text(model, diffusion.tokenize(model, prompts))
         generator = torch.Generator().manual_seed(config.seed + 3)
         fisher = {name: torch.zeros_like(p) for name, p in parameters.items()}
         scale = model.vae.config.scaling_factor
         for i in range(len(samples)):  # per-sample gradients: the empirical Fisher is a mean of squares
             latents = (mean[i : i + 1] + std[i : i + 1] * torch.randn(mean[i : i + 1].shape, generator=generator)) * scale
             noisy, noise, timesteps = diffusion.add_noise(model, latents, generator)
-            prediction = model.unet(noisy, timesteps, embeds[i : i + 1]).sample
+            prediction = diffusion.predict(model, model.unet, noisy, timesteps, text[i : i + 1])
             loss = diffusion.denoise_loss(prediction, diffusion.target_for(model, latents, noise, timesteps))
             grads = torch.autograd.grad(loss, list(parameters.values()), allow_unused=True)
             for (name, _), grad in zip(parameters.items(), grads):
@@ -193,7 +192,7 @@ class FeatureMatching:
     def _features(self, unet, step: Step) -> list[torch.Tensor]:
         self._into = []
         try:
-            unet(step.outputs["noisy"], step.outputs["timesteps"], step.batch["text_embeds"])
+            diffusion.predict(step.model, unet, step.outputs["noisy"], step.outputs["timesteps"], step.batch["text"])
             return self._into
         finally:
             self._into = None
