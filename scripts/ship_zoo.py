@@ -66,39 +66,54 @@ def parameter_count(folder: Path) -> int:
     return sum(t.numel() for path in folder.rglob("*.safetensors") for t in load_file(path).values())
 
 
-def generate(name: str, folder: Path, n: int, seed: int = 0):
-    """n samples of a generator, and the captions used (pocket-sd: source captions, cycled)."""
+def reference_for(name: str, config: dict) -> tuple[str, str]:
+    """(data spec, role): the held-out source images when pretraining left some out, else the training split."""
+    if config.get("data") == "builtin:openmoji/source/train":
+        return "builtin:openmoji/source/reference", "held out: never seen in pretraining"
+    return "builtin:openmoji/source", "the model's own training split"
+
+
+def generate(name: str, folder: Path, n: int, prompts: list[str], seed: int = 0):
+    """n samples of a generator; pocket-sd takes `prompts` cycled (GANs ignore them)."""
     if name == "pocket-sd":
         from genadapt.families import diffusion
 
         model = diffusion.load(str(folder))
-        source = load_dataset("builtin:openmoji/source")
-        order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:n]
-        prompts = [source.captions[i] for i in order]
-        return diffusion.sample(model, prompts, steps=25, guidance=4.0, seed=seed, progress=True), prompts
+        cycled = [prompts[i % len(prompts)] for i in range(n)]
+        return diffusion.sample(model, cycled, steps=25, guidance=4.0, seed=seed, progress=True), cycled
     from genadapt.families.stylegan2 import load_stylegan2, sample
 
     g_ema, _, _ = load_stylegan2(folder)
     return sample(g_ema, n, seed), None
 
 
-def quality(name: str, folder: Path, n: int) -> tuple[dict, torch.Tensor, list | None]:
+def quality(name: str, folder: Path, n: int, config: dict) -> tuple[dict, torch.Tensor, list | None]:
+    """KID/FID/precision/recall in the eval encoder's space. pocket-sd is prompted with the reference
+    images' own captions (in a seeded order), so that content is matched and only quality differs."""
     extractor = get_extractor("pocket")
-    images, prompts = generate(name, folder, n)
-    source = load_dataset("builtin:openmoji/source")
+    spec, role = reference_for(name, config)
+    reference = load_dataset(spec)
+    order = torch.randperm(len(reference), generator=torch.Generator().manual_seed(0))
+    images, prompts = generate(name, folder, n, [reference.captions[i] for i in order])
     feats_fake = cached_features(extractor, images.clamp(-1, 1))
-    feats_real = cached_features(extractor, source)
+    feats_real = cached_features(extractor, reference)
     result = {
         "samples": n,
-        "reference": f"builtin:openmoji/source ({len(source)} images; the model's own training split)",
+        "reference": f"{spec} ({len(reference)} images; {role})",
         "features": extractor.extractor_id,
         "kid": metrics.kid_with_ci(feats_fake, feats_real),
         "fid": metrics.fid_with_ci(feats_fake, feats_real),
         "precision_recall": metrics.precision_recall(feats_real, feats_fake),
     }
-    # Scale: what real images of the same count score against the same reference.
-    real_subset = feats_real[torch.randperm(len(feats_real), generator=torch.Generator().manual_seed(1))[:n]]
-    result["real_images_same_n"] = {"kid": metrics.kid(real_subset, feats_real), "fid": metrics.fid(real_subset, feats_real)}
+    # Scale: what real source images of the same count, not in the reference, score against it.
+    others = load_dataset("builtin:openmoji/source/train" if spec.endswith("/reference") else spec)
+    feats_others = cached_features(extractor, others)
+    subset = feats_others[torch.randperm(len(feats_others), generator=torch.Generator().manual_seed(1))[:n]]
+    result["real_images_same_n"] = {
+        "images": f"{min(n, len(others))} of {others.name}",
+        "kid": metrics.kid_with_ci(subset, feats_real),
+        "fid": metrics.fid(subset, feats_real),
+    }
     return result, images, prompts
 
 
@@ -132,7 +147,7 @@ def main() -> None:
     if args.name == "eval-encoder":
         card["quality"] = json.loads((args.run / "metrics.json").read_text())
     else:
-        card["quality"], images, prompts = quality(args.name, folder, args.samples)
+        card["quality"], images, prompts = quality(args.name, folder, args.samples, config)
         grid = save_grid(images[:64], DOCS / f"{args.name}-samples.png", columns=8, scale=3)
         card["sample_grid"] = str(grid.relative_to(ROOT))
         if prompts:

@@ -17,7 +17,7 @@ from genadapt.families import diffusion
 from genadapt.recipes.distill import DistillConfig, build_student_unet, ddim_trailing, distill
 
 PROMPTS = ["a handwritten digit three", "a handwritten digit seven"]
-SMALL = dict(prompts=PROMPTS, num_samples=16, teacher_sample_steps=20, batch_size=4, eval_images=8, reference_steps=20, checkpointing_steps=50)
+SMALL = dict(prompts=PROMPTS, num_samples=16, teacher_sample_steps=20, batch_size=4, eval_images=8, reference_steps=20, checkpointing_steps=50, kid_images=64)
 
 
 def _train_teacher(folder, steps=100):
@@ -85,6 +85,10 @@ def test_consistency_lora_loads_on_the_teacher_and_samples_in_few_steps(teacher,
     # §3; LCM §4): one student step beats two guided teacher DDIM steps (4 UNet evaluations).
     assert report["student_one_step"]["to_reference"]["latent_mse"] < 0.5 * report["teacher_same_steps"]["to_reference"]["latent_mse"]
     assert report["student"]["unet_evals_per_image"] == 2 and report["student_one_step"]["unet_evals_per_image"] == 1
+    # The distribution check for a sampler that re-noises: KID to the teacher's many-step samples, with its floor.
+    kid = report["distribution"]["kid"]
+    assert set(kid) == {"teacher_reference_steps_other_noise", "teacher_same_steps", "student"}
+    assert all(entry["n_a"] == entry["n_b"] == 64 and entry["ci_low"] <= entry["value"] <= entry["ci_high"] for entry in kid.values())
 
     pristine = diffusion.load(teacher)
     model = diffusion.load(teacher)

@@ -213,6 +213,8 @@ def distill(
     rank: Optional[int] = typer.Option(None, help="consistency: LCM-LoRA rank.  [default: 8]"),
     remove_blocks: Optional[list[str]] = typer.Option(None, help="architecture: layer, mid, innermost (repeatable).  [default: mid innermost]"),
     student_width: Optional[float] = typer.Option(None, help="architecture with a GAN teacher: the student's channel multiplier.  [default: 0.5]"),
+    kid_images: Optional[int] = typer.Option(None, help="Report: samples per set for KID against the teacher's many-step samples; 0 skips it.  [default: 128]"),
+    features: Optional[str] = typer.Option(None, help="Report: KID feature space: pocket, an eval-encoder folder, or inception:PATH.  [default: pocket]"),
     seed: Optional[int] = typer.Option(None, help="[default: 0]"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML or TOML with any DistillConfig field; flags override it."),
     out: Path = typer.Option(..., "--out", "--output-dir", help="Run folder; rerun to resume."),
@@ -225,7 +227,7 @@ def distill(
         "teacher": teacher, "kind": kind, "data": data, "prompts": prompt or None, "steps": steps,
         "student_steps": student_steps, "num_samples": num_samples, "learning_rate": learning_rate,
         "batch_size": batch_size, "teacher_steps": teacher_steps, "rank": rank, "remove_blocks": remove_blocks or None,
-        "seed": seed, "out": str(out), "student_width": student_width,
+        "seed": seed, "out": str(out), "student_width": student_width, "kid_images": kid_images, "features": features,
     }
     settings = build_config(DistillConfig, read_config_file(config) if config else {}, given)
     typer.echo(run_distill(settings))

@@ -62,7 +62,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from genadapt.errors import UserError
 from genadapt.families import diffusion
-from genadapt.runs import load_torch, progress, save_safetensors, save_torch, write_json, write_manifest, write_yaml
+from genadapt.runs import load_torch, progress, save_safetensors, save_torch, use_cpu, write_json, write_manifest, write_yaml
 from genadapt.techniques import distill as losses
 
 STATE_FILE = "checkpoints/state.pt"
@@ -120,6 +120,8 @@ class DistillConfig(BaseModel):
     # report and bookkeeping
     eval_images: int = Field(8, ge=1)
     reference_steps: int = Field(50, ge=1)
+    kid_images: int = Field(128, ge=0)  # 0: skip the distribution check (KID to the teacher's many-step samples)
+    features: str = "pocket"  # the KID feature space: pocket, an eval-encoder folder, or inception:PATH
     checkpointing_steps: int = Field(100, ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
 
@@ -606,6 +608,12 @@ def evaluate(config: DistillConfig, prompts: list[str], student_pipeline, studen
         # One step is where a consistency model must land on the teacher's trajectory, f(z_T, T) ≈ ODE(z_T);
         # LCM's multistep sampler re-noises with fresh noise, so its samples also drift off that trajectory.
         runs["student_one_step"] = _sample(student_pipeline, eval_prompts, latents, 1, student_guidance, config.seed)
+    if config.kind == "consistency":  # LCM is for 1-4 steps: student and teacher at every fewer step count too
+        for steps in (1, 2):
+            if steps < config.n_steps:
+                runs[f"teacher_{steps}_steps"] = _sample(teacher.pipeline, eval_prompts, latents, steps, config.guidance, config.seed)
+        if config.n_steps > 2:  # one step is student_one_step
+            runs["student_2_steps"] = _sample(student_pipeline, eval_prompts, latents, 2, student_guidance, config.seed)
     if config.kind == "progressive":  # the trajectory the rounds matched: the first teacher's grid
         runs["distillation_target"] = _sample(teacher.pipeline, eval_prompts, latents, config.teacher_steps, config.guidance, config.seed)
     pixels = {name: _decode(teacher.vae, run["latents"]) for name, run in runs.items()}
@@ -627,6 +635,8 @@ def evaluate(config: DistillConfig, prompts: list[str], student_pipeline, studen
             "their distance to the reference measures that drift as well as quality; student_one_step is the trajectory check. "
             "Compare multistep samples by distribution (genadapt evaluate) instead."
         )
+    if config.kid_images:
+        report["distribution"] = _distribution(config, teacher, student_pipeline, student_guidance, prompts, device)
     report["unet"] = {"teacher": unet_cost(teacher.unet, probe_latents, probe_embeds), "student": unet_cost(student_pipeline.unet, probe_latents, probe_embeds)}
     report["eval"] = {
         "images": config.eval_images,
@@ -639,6 +649,40 @@ def evaluate(config: DistillConfig, prompts: list[str], student_pipeline, studen
         "threads": torch.get_num_threads(),
     }
     return report
+
+
+def _distribution(config: DistillConfig, teacher, student_pipeline, student_guidance: float, prompts: list[str], device) -> dict:
+    """KID of the student@n and of the teacher's DDIM@n, each against the teacher's `reference_steps`
+    samples drawn from other noise (many prompts, cycled). This is the check for samplers that leave
+    the teacher's trajectory (LCM re-noises between steps), where a same-noise distance misleads.
+    The floor is the teacher's many-step samples from a third noise draw against the same reference."""
+    from genadapt.eval import metrics
+    from genadapt.eval.features import extract, get_extractor
+
+    count = config.kid_images
+    kid_prompts = [prompts[i % len(prompts)] for i in range(count)]
+    size = teacher.unet.config.sample_size
+    extractor = get_extractor(config.features)
+
+    def features(pipeline, steps: int, guidance: float, seed: int) -> torch.Tensor:
+        noise = torch.randn((count, teacher.unet.config.in_channels, size, size), generator=torch.Generator().manual_seed(seed)).to(device)
+        chunks = [
+            _sample(pipeline, kid_prompts[i : i + 64], noise[i : i + 64], steps, guidance, seed + i)["latents"] for i in range(0, count, 64)
+        ]
+        return extract(extractor, _decode(teacher.vae, torch.cat(chunks)), progress=False)
+
+    seed = config.seed + 100  # neither the training samples' noise nor the per-noise evaluation's
+    reference = features(teacher.pipeline, config.reference_steps, config.guidance, seed)
+    return {
+        "images": count,
+        "features": extractor.extractor_id,
+        "reference": f"teacher, {config.reference_steps} DDIM steps, guidance {config.guidance}, noise seed {seed}",
+        "kid": {
+            "teacher_reference_steps_other_noise": metrics.kid_with_ci(features(teacher.pipeline, config.reference_steps, config.guidance, seed + 1), reference),
+            "teacher_same_steps": metrics.kid_with_ci(features(teacher.pipeline, config.n_steps, config.guidance, seed + 2), reference),
+            "student": metrics.kid_with_ci(features(student_pipeline, config.n_steps, student_guidance, seed + 2), reference),
+        },
+    }
 
 
 def _notes(config: DistillConfig, teacher) -> list[str]:
@@ -689,6 +733,7 @@ def distill(config: DistillConfig, accelerator=None) -> Path:
         return distill_gan(config)
     from accelerate import Accelerator
 
+    use_cpu()
     out = Path(config.out)
     accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
     main = accelerator.is_main_process

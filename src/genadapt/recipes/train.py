@@ -15,7 +15,7 @@ import torch
 
 from genadapt.config import AdaptConfig
 from genadapt.families import diffusion
-from genadapt.runs import load_torch, save_torch, write_json, write_manifest, write_yaml
+from genadapt.runs import load_torch, save_torch, use_cpu, write_json, write_manifest, write_yaml
 from genadapt.techniques import Step, make_loss_techniques, make_parameter_technique
 
 STATE_FILE = "checkpoints/state.pt"
@@ -73,6 +73,7 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
 
     from genadapt.data import load_dataset
 
+    use_cpu()
     out = Path(config.out)
     accelerator = accelerator or Accelerator(
         mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps
