@@ -35,7 +35,8 @@ def build_tiny_pipeline(folder: Path) -> Path:
 
 def build_tiny_sdxl_pipeline(folder: Path) -> Path:
     """SDXL's component set in miniature: two CLIP encoders (the second with a projection),
-    a UNet with text_time added conditioning and SDXL's block layout (layers_per_block=2)."""
+    a UNet with text_time added conditioning and SDXL's block layout (layers_per_block=2). As in
+    SDXL's own files, the encoder configs say eos_token_id=2 and tokenizer_2 pads with "!"."""
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -45,7 +46,7 @@ def build_tiny_sdxl_pipeline(folder: Path) -> Path:
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tok")
     text_config = CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1,
     )
     unet = UNet2DConditionModel(
         sample_size=8,
@@ -71,7 +72,7 @@ def build_tiny_sdxl_pipeline(folder: Path) -> Path:
         text_encoder=CLIPTextModel(text_config),
         text_encoder_2=CLIPTextModelWithProjection(text_config),
         tokenizer=tokenizer,
-        tokenizer_2=tokenizer,
+        tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tok", pad_token="!"),
         unet=unet,
         scheduler=DDIMScheduler(**pocket_sd.noise_scheduler_config()),
     )

@@ -75,12 +75,33 @@ def test_lora_on_unet_and_both_text_encoders_exports_load_and_agree(base, tmp_pa
 
 
 def test_sgm_names_follow_the_original_unet_layout():
-    assert sgm_unet_key("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", 2) == "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
-    assert sgm_unet_key("up_blocks.0.attentions.2.proj_out", 2) == "output_blocks.2.1.proj_out"
-    assert sgm_unet_key("mid_block.attentions.0.proj_in", 2) == "middle_block.1.proj_in"
-    assert sgm_unet_key("mid_block.resnets.1.conv2", 2) == "middle_block.2.out_layers.3"
-    assert sgm_unet_key("down_blocks.2.resnets.1.time_emb_proj", 2) == "input_blocks.8.0.emb_layers.1"
-    assert sgm_unet_key("conv_in", 2) is None
+    from types import SimpleNamespace
+
+    sdxl = SimpleNamespace(layers_per_block=2, up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+    assert sgm_unet_key("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", sdxl) == "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
+    assert sgm_unet_key("up_blocks.0.attentions.2.proj_out", sdxl) == "output_blocks.2.1.proj_out"
+    assert sgm_unet_key("mid_block.attentions.0.proj_in", sdxl) == "middle_block.1.proj_in"
+    assert sgm_unet_key("mid_block.resnets.1.conv2", sdxl) == "middle_block.2.out_layers.3"
+    assert sgm_unet_key("down_blocks.2.resnets.1.time_emb_proj", sdxl) == "input_blocks.8.0.emb_layers.1"
+    assert sgm_unet_key("down_blocks.0.downsamplers.0.conv", sdxl) == "input_blocks.3.0.op"
+    assert sgm_unet_key("up_blocks.0.upsamplers.0.conv", sdxl) == "output_blocks.2.2.conv"
+    assert sgm_unet_key("up_blocks.1.upsamplers.0.conv", sdxl) == "output_blocks.5.2.conv"
+    assert sgm_unet_key("conv_in", sdxl) == "input_blocks.0.0"
+    assert sgm_unet_key("add_embedding.linear_2", sdxl) == "label_emb.0.2"
+    assert sgm_unet_key("down_blocks.0.resnets.0.norm1", sdxl) is None
+
+
+def test_kohya_twin_of_a_lora_on_every_kind_of_layer_loads_back_the_same(base, tmp_path):
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "time_emb_proj", "conv_shortcut", "conv", "conv_in", "conv_out", "linear_1", "linear_2"]
+    _run(base, tmp_path / "lora", train="lora", rank=2, lora_targets=targets)
+    kohya = load_file(tmp_path / "lora" / "pytorch_lora_weights_kohya.safetensors")
+    for name in ("input_blocks_0_0", "input_blocks_3_0_op", "output_blocks_2_2_conv", "out_2", "time_embed_0", "label_emb_0_2", "in_layers_2", "skip_connection"):
+        assert any(name in key for key in kohya), name
+    via_diffusers, via_kohya = diffusion.load(base), diffusion.load(base)
+    via_diffusers.pipeline.load_lora_weights(str(tmp_path / "lora"), weight_name="pytorch_lora_weights.safetensors")
+    via_kohya.pipeline.load_lora_weights(str(tmp_path / "lora"), weight_name="pytorch_lora_weights_kohya.safetensors")
+    assert (_output(via_diffusers) - _output(diffusion.load(base))).abs().max() > 1e-5
+    torch.testing.assert_close(_output(via_kohya), _output(via_diffusers), atol=1e-5, rtol=1e-4)
 
 
 def test_embedding_learns_new_rows_in_both_encoders_only(base, tmp_path):
@@ -99,6 +120,13 @@ def test_embedding_learns_new_rows_in_both_encoders_only(base, tmp_path):
         assert not torch.allclose(rows_after[len(rows_before):], rows_before.mean(0).expand(2, -1))
     assert all(torch.equal(a, b) for a, b in zip(_state(model.unet).values(), _state(source.unet).values()))
     assert (_output(model, "<three> <three>_1") - _output(model, "")).abs().max() > 0
+    # The pooled embedding comes from the end-of-text token, not the placeholder (whose id is the largest).
+    ids = diffusion.tokenize(model, ["a <three> <three>_1 digit"])
+    tokenizer, encoder = model.text_encoders[1]
+    hidden = encoder(ids[:, 1]).last_hidden_state
+    eos = int((ids[0, 1] == tokenizer.eos_token_id).nonzero()[0])
+    expected = encoder.text_projection(hidden[0, eos])
+    torch.testing.assert_close(diffusion.encode_text(model, ids).pooled[0], expected)
 
 
 def test_full_with_every_loss_trains_the_unet_only(base, tmp_path):

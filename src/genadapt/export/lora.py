@@ -46,29 +46,49 @@ def to_kohya(state: dict[str, torch.Tensor], prefix: str, scale: float) -> dict[
 RESNET_TO_SGM = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
 
 
-def sgm_unet_key(module: str, layers_per_block: int) -> str | None:
+TOP_LEVEL_TO_SGM = {
+    "conv_in": "input_blocks.0.0",
+    "conv_out": "out.2",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+}
+
+
+def sgm_unet_key(module: str, unet_config) -> str | None:
     """diffusers UNet module path -> the original (SGM) path that kohya's SDXL LoRAs name, or None.
 
     SGM numbers blocks flat: input_blocks[1 + level·(L+1) + j], output_blocks[level·(L+1) + j] with L
-    diffusers' layers_per_block (each input level ends with a downsampler, each output level has L+1
-    layers); inside a block, index 0 is the resnet and 1 the transformer. The inverse of diffusers'
-    `_maybe_map_sgm_blocks_to_diffusers` for resnets and attentions.
+    diffusers' layers_per_block (each input level but the last ends with a downsampler at index
+    (level+1)·(L+1); each output level has L+1 layers, the last holding the upsampler); inside a block
+    0 is the resnet, then the transformer, then the upsampler. The inverse of diffusers'
+    `_maybe_map_sgm_blocks_to_diffusers` + `_convert_unet_lora_key`.
     """
     import re
 
+    if module in TOP_LEVEL_TO_SGM:
+        return TOP_LEVEL_TO_SGM[module]
+    layers = unet_config.layers_per_block
     parts = module.split(".")
     inner = {"resnets": "0", "attentions": "1"}
+    if parts[0] == "down_blocks" and parts[2:5] == ["downsamplers", "0", "conv"]:
+        return f"input_blocks.{(int(parts[1]) + 1) * (layers + 1)}.0.op"
+    if parts[0] == "up_blocks" and parts[2:5] == ["upsamplers", "0", "conv"]:
+        level = int(parts[1])
+        position = 2 if "CrossAttn" in unet_config.up_block_types[level] else 1
+        return f"output_blocks.{level * (layers + 1) + layers}.{position}.conv"
     if re.fullmatch(r"(down|up)_blocks", parts[0]) and len(parts) > 4 and parts[2] in inner:
         level, layer = int(parts[1]), int(parts[3])
         offset = 1 if parts[0] == "down_blocks" else 0
-        block = f"{'input' if offset else 'output'}_blocks.{offset + level * (layers_per_block + 1) + layer}.{inner[parts[2]]}"
-        rest = parts[4:]
+        block = f"{'input' if offset else 'output'}_blocks.{offset + level * (layers + 1) + layer}.{inner[parts[2]]}"
+        kind, rest = parts[2], parts[4:]
     elif parts[0] == "mid_block" and len(parts) > 3 and parts[1] in inner:
         block = f"middle_block.{int(parts[2]) * 2 if parts[1] == 'resnets' else 1}"
-        rest = parts[3:]
+        kind, rest = parts[1], parts[3:]
     else:
         return None
-    if parts[2 if parts[0] != "mid_block" else 1] == "resnets":
+    if kind == "resnets":
         name = ".".join(rest)
         if name not in RESNET_TO_SGM:
             return None
@@ -76,7 +96,7 @@ def sgm_unet_key(module: str, layers_per_block: int) -> str | None:
     return ".".join([block, *rest])
 
 
-def kohya_metadata(technique, metadata: dict, resolution: int, sdxl: bool = False) -> dict[str, str]:
+def kohya_metadata(technique, metadata: dict, resolution: int, sdxl: bool = False, prediction_type: str = "epsilon") -> dict[str, str]:
     """sd-scripts' minimum `ss_*` keys plus the SAI model spec, all strings (safetensors requires it)."""
     values = {
         "ss_network_module": "networks.lora",
@@ -88,7 +108,10 @@ def kohya_metadata(technique, metadata: dict, resolution: int, sdxl: bool = Fals
         "ss_training_comment": "trained with genadapt",
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": "stable-diffusion-xl-v1-base/lora" if sdxl else "stable-diffusion-v1/lora",
-        "modelspec.implementation": "diffusers",
+        # SDXL twins name the original UNet's modules, so kohya records Stability's implementation.
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if sdxl else "diffusers",
+        "modelspec.title": str(metadata.get("ss_output_name", "genadapt LoRA")),
+        "modelspec.prediction_type": prediction_type,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.date": datetime.now(timezone.utc).date().isoformat(),
     }
@@ -130,7 +153,10 @@ def save_lora(model, technique, out: Path, metadata: dict | None = None) -> list
     files = [out / DIFFUSERS_FILE]
     kohya = kohya_state(model, unet_state, text_states, technique.scale)
     if kohya is not None:
-        files.append(save_safetensors(out / KOHYA_FILE, kohya, kohya_metadata(technique, metadata or {}, model.resolution, model.is_sdxl)))
+        files.append(save_safetensors(out / KOHYA_FILE, kohya, kohya_metadata(
+            technique, metadata or {}, model.resolution, model.is_sdxl,
+            "v" if model.noise_scheduler.config.prediction_type == "v_prediction" else "epsilon",
+        )))
 
     peft_folder = out / "peft"
     peft_folder.mkdir(exist_ok=True)
@@ -146,11 +172,10 @@ def kohya_state(model, unet_state: dict, text_states: list[dict], scale: float) 
     original UNet's paths and `lora_te1_`/`lora_te2_`. None (with a note) if a module has no SDXL name."""
     if not model.is_sdxl:
         return {**to_kohya(unet_state, "lora_unet", scale), **to_kohya(text_states[0], "lora_te", scale)}
-    layers = model.unet.config.layers_per_block
     renamed = {}
     for key, value in unet_state.items():
         module, _, suffix = key.partition(".lora_")
-        sgm = sgm_unet_key(module, layers)
+        sgm = sgm_unet_key(module, model.unet.config)
         if sgm is None:
             print(f"note: no kohya SDXL name for UNet module {module}; only the diffusers file holds this LoRA")
             return None

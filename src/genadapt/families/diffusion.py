@@ -130,6 +130,11 @@ def load(base: str, dtype: torch.dtype = torch.float32) -> DiffusionModel:
     for module in (*model.modules().values(), pipeline.vae):
         module.requires_grad_(False)
         module.eval()
+    for tokenizer, encoder in model.text_encoders:
+        # Configs with eos_token_id=2 (SD and SDXL's own) pool at the *largest* token id, which is an
+        # added placeholder once textual inversion adds one (transformers#24650); pool at the real EOS.
+        if tokenizer.eos_token_id is not None and hasattr(encoder, "text_model"):
+            encoder.config.eos_token_id = encoder.text_model.eos_token_id = tokenizer.eos_token_id
     return model
 
 
@@ -162,11 +167,12 @@ def encode_text(model: DiffusionModel, token_ids: torch.Tensor, encoders: list |
     if not model.is_sdxl:
         return TextCondition(encoders[0](token_ids.to(device))[0])
     # As diffusers' SDXL pipeline: penultimate layer of each encoder, pooled projection of the second.
+    # Each encoder runs where it lives (only a trained one is moved by accelerate); results meet on the first's device.
     states = []
     for position, encoder in enumerate(encoders):
-        output = encoder(token_ids[:, position].to(device), output_hidden_states=True)
-        states.append(output.hidden_states[-2])
-        pooled = output[0]
+        output = encoder(token_ids[:, position].to(next(encoder.parameters()).device), output_hidden_states=True)
+        states.append(output.hidden_states[-2].to(device))
+        pooled = output[0].to(device)
     return TextCondition(torch.cat(states, dim=-1), pooled)
 
 

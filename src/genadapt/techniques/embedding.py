@@ -24,22 +24,18 @@ class TextualInversion:
         self.init_token = init_token
         self.vectors = vectors
         self.tokens = [token] + [f"{token}_{i}" for i in range(1, vectors)]  # diffusers' naming
-        self.token_ids: list[int] = []
+        self.token_ids: list[list[int]] = []  # per text encoder: SDXL fine-tunes may have tokenizers that differ
 
     def prepare(self, model) -> None:
-        for tokenizer, encoder in model.text_encoders:  # SDXL: both encoders learn their own vectors
-            self._add_rows(tokenizer, encoder)
+        self.token_ids = [self._add_rows(tokenizer, encoder) for tokenizer, encoder in model.text_encoders]
         model.extras["placeholder"] = " ".join(self.tokens)
 
-    def _add_rows(self, tokenizer, encoder) -> None:
+    def _add_rows(self, tokenizer, encoder) -> list[int]:
         added = tokenizer.add_tokens(self.tokens)
         if added != len(self.tokens):
             raise UserError(f"--token {self.token}: already in the tokenizer's vocabulary; pick a new placeholder like <my-style>")
         encoder.resize_token_embeddings(len(tokenizer))
         token_ids = tokenizer.convert_tokens_to_ids(self.tokens)
-        if self.token_ids and token_ids != self.token_ids:
-            raise UserError(f"--token {self.token}: the two tokenizers give it different ids; report this base model")
-        self.token_ids = token_ids
         weight = encoder.get_input_embeddings().weight
         with torch.no_grad():
             if self.init_token:
@@ -48,12 +44,13 @@ class TextualInversion:
                     raise UserError(f"--init-token {self.init_token!r} is {len(ids)} tokens; use a word that is a single token")
                 start = weight[ids[0]].clone()
             else:
-                start = weight[: min(self.token_ids)].mean(0)  # the centroid: no semantic prior
-            weight[self.token_ids] = start
+                start = weight[: min(token_ids)].mean(0)  # the centroid: no semantic prior
+            weight[token_ids] = start
         mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype)
-        mask[self.token_ids] = 1.0
+        mask[token_ids] = 1.0
         weight.requires_grad_(True)
         weight.register_hook(lambda grad: grad * mask.to(grad.device))
+        return token_ids
 
     def caption(self, caption: str) -> str:
         """Put every placeholder vector in the prompt; add the token to captions that lack it."""
@@ -66,11 +63,11 @@ class TextualInversion:
 
     def trained_parameters(self, model) -> int:
         """Only the new rows learn, not the whole embedding tables the optimiser holds."""
-        return sum(len(self.token_ids) * weight.shape[1] for weight in self.parameters(model))
+        return sum(len(ids) * weight.shape[1] for ids, weight in zip(self.token_ids, self.parameters(model)))
 
     def learned(self, model) -> list[torch.Tensor]:
         """The new rows of each text encoder (one tensor for SD, two for SDXL)."""
-        return [weight[self.token_ids].detach().float().cpu() for weight in self.parameters(model)]
+        return [weight[ids].detach().float().cpu() for ids, weight in zip(self.token_ids, self.parameters(model))]
 
     def save(self, model, out: Path) -> list[Path]:
         from genadapt.export.embeddings import save_embeddings
