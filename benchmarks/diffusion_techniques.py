@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -48,7 +49,10 @@ def run_technique(name: str, extra: dict, steps: int, out: Path) -> dict:
         "batch_size": 4, "checkpointing_steps": steps, "num_validation_images": 1, "sample_steps": 1,
         "out": str(out / name.replace(" ", "_").replace("(", "").replace(")", "")), **extra,
     }
-    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(values)], capture_output=True, text=True, check=True)
+    shutil.rmtree(values["out"], ignore_errors=True)  # a resumed run would time nothing
+    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(values)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
     summary = json.loads(done.stdout.split("RESULT", 1)[1])
     return {
         "technique": name,

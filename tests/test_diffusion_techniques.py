@@ -156,3 +156,15 @@ def test_run_folder_records_config_seed_versions_and_data(base, tmp_path):
     assert manifest["data"]["train"]["count"] == 4 and len(manifest["data"]["train"]["items"]) == 4
     assert (tmp_path / "run" / "config.yaml").read_text().count("train: lora") == 1
     assert list((tmp_path / "run" / "samples").glob("*.png"))
+
+
+def test_resume_from_a_checkpoint_of_an_older_format_says_what_to_do(base, tmp_path):
+    from genadapt.runs import load_torch, save_torch
+
+    _run(base, tmp_path / "old", train="lora", steps=2, checkpointing_steps=2)
+    state_path = tmp_path / "old" / "checkpoints" / "state.pt"
+    state = load_torch(state_path)
+    del state["generators"]
+    save_torch(state_path, state)
+    with pytest.raises(UserError, match="lacks generators.*new --out"):
+        _run(base, tmp_path / "old", train="lora", steps=4, checkpointing_steps=2)

@@ -141,6 +141,11 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
     state_path = out / STATE_FILE
     if state_path.is_file():
         state = load_torch(state_path)
+        missing = {"trainable", "optimizer", "generators", "step", "history"} - set(state)
+        if missing:
+            from genadapt.errors import UserError
+
+            raise UserError(f"{state_path} lacks {', '.join(sorted(missing))} (written by an older genadapt); use a new --out, or delete {state_path.parent} to start over")
         _load_trainable_state(model, state["trainable"])
         optimizer.load_state_dict(state["optimizer"])
         if len(state["generators"]) != accelerator.num_processes:
