@@ -168,3 +168,6 @@ def test_resume_from_a_checkpoint_of_an_older_format_says_what_to_do(base, tmp_p
     save_torch(state_path, state)
     with pytest.raises(UserError, match="lacks generators.*new --out"):
         _run(base, tmp_path / "old", train="lora", steps=4, checkpointing_steps=2)
+    state_path.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="cannot be read.*start the run over"):
+        _run(base, tmp_path / "old", train="lora", steps=4, checkpointing_steps=2)

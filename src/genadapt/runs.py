@@ -60,6 +60,20 @@ def load_torch(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def load_checkpoint(path: Path, required: set[str]) -> dict:
+    """A resume checkpoint, or a one-line error when it is unreadable or from an older format."""
+    from genadapt.errors import UserError
+
+    try:
+        state = load_torch(path)
+    except Exception as exc:  # truncated file, not a torch file, or an object weights_only refuses
+        raise UserError(f"{path} cannot be read ({type(exc).__name__}); delete {path.parent} to start the run over") from None
+    missing = required - set(state) if isinstance(state, dict) else required
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(sorted(missing))} (written by an older genadapt); use a new --out, or delete {path.parent} to start over")
+    return state
+
+
 def module_states(objects: dict) -> dict:
     """`state_dict()` of each named model, optimiser, scheduler or augmenter, for a checkpoint."""
     return {name: item.state_dict() for name, item in objects.items()}

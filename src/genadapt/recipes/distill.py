@@ -62,7 +62,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from genadapt.errors import UserError
 from genadapt.families import diffusion
-from genadapt.runs import load_torch, progress, save_safetensors, save_torch, use_cpu, write_json, write_manifest, write_yaml
+from genadapt.runs import load_checkpoint, load_torch, progress, save_safetensors, save_torch, use_cpu, write_json, write_manifest, write_yaml
 from genadapt.techniques import distill as losses
 
 STATE_FILE = "checkpoints/state.pt"
@@ -760,7 +760,7 @@ def distill(config: DistillConfig, accelerator=None) -> Path:
     run = {"generator": torch.Generator().manual_seed(config.seed), "history": [], "step": 0}
     done = 0
     if (out / STATE_FILE).is_file():
-        state = load_torch(out / STATE_FILE)
+        state = load_checkpoint(out / STATE_FILE, {"generator", "history", "stage", "step", "trainable", "optimizer", "schedule"})
         run["generator"].set_state(state["generator"])
         run["history"] = state["history"]
         done = state["stage"] * config.steps + state["step"]

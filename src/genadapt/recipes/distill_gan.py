@@ -42,7 +42,7 @@ from genadapt.families import gan
 from genadapt.families.stylegan2 import MIXING_PROB, mixing_noise, save_stylegan2
 from genadapt.families.stylegan2 import sample as sample_stylegan2
 from genadapt.families.stylegan2_nets import Generator
-from genadapt.runs import load_torch, progress, save_torch, write_json, write_manifest, write_yaml
+from genadapt.runs import load_checkpoint, progress, save_torch, write_json, write_manifest, write_yaml
 
 STATE_FILE = "checkpoints/state.pt"
 DEFAULT_LR = 2e-3  # StyleGAN2's generator learning rate (equalized learning rate makes it scale-free)
@@ -195,7 +195,7 @@ def distill_gan(config) -> Path:
         return {name: float(value) for name, value in terms.items()}
 
     if (out / STATE_FILE).is_file():
-        state = load_torch(out / STATE_FILE)
+        state = load_checkpoint(out / STATE_FILE, {"student", "adapters", "optimizer", "generator", "history", "step"})
         student.load_state_dict(state["student"])
         adapters.load_state_dict(state["adapters"])
         optimizer.load_state_dict(state["optimizer"])

@@ -15,7 +15,7 @@ import torch
 
 from genadapt.config import AdaptConfig
 from genadapt.families import diffusion
-from genadapt.runs import load_torch, save_torch, use_cpu, write_json, write_manifest, write_yaml
+from genadapt.runs import load_checkpoint, save_torch, use_cpu, write_json, write_manifest, write_yaml
 from genadapt.techniques import Step, make_loss_techniques, make_parameter_technique
 
 STATE_FILE = "checkpoints/state.pt"
@@ -140,12 +140,7 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
     start, history = 0, []
     state_path = out / STATE_FILE
     if state_path.is_file():
-        state = load_torch(state_path)
-        missing = {"trainable", "optimizer", "generators", "step", "history"} - set(state)
-        if missing:
-            from genadapt.errors import UserError
-
-            raise UserError(f"{state_path} lacks {', '.join(sorted(missing))} (written by an older genadapt); use a new --out, or delete {state_path.parent} to start over")
+        state = load_checkpoint(state_path, {"trainable", "optimizer", "generators", "step", "history"})
         _load_trainable_state(model, state["trainable"])
         optimizer.load_state_dict(state["optimizer"])
         if len(state["generators"]) != accelerator.num_processes:

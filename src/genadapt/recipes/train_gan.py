@@ -38,7 +38,7 @@ from genadapt.families.stylegan2 import (
     lazy_adam_hyperparameters,
 )
 from genadapt.recipes.train import STATE_FILE, _check_resumable, _load_trainable_state, _trainable_state
-from genadapt.runs import load_torch, progress, save_torch, use_cpu, write_json, write_manifest, write_text, write_yaml
+from genadapt.runs import load_checkpoint, progress, save_torch, use_cpu, write_json, write_manifest, write_text, write_yaml
 from genadapt.techniques import Step
 from genadapt.techniques.gan import make_parameter_technique
 from genadapt.techniques.gan_losses import make_loss_techniques
@@ -153,7 +153,7 @@ def adapt_gan(config: AdaptConfig) -> dict:
     start, history = 0, []
     state_path = out / STATE_FILE
     if state_path.is_file():
-        state = load_torch(state_path)
+        state = load_checkpoint(state_path, {"trainable", "ema", "g_optim", "d_optim", "augment", "generator", "step", "history"})
         _load_trainable_state(model, state["trainable"])
         with torch.no_grad():
             ema = dict(model.g_ema.named_parameters())
