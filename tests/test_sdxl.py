@@ -156,3 +156,32 @@ def test_distill_says_sdxl_is_not_supported(base):
 
     with pytest.raises(UserError, match="SDXL"):
         load_teacher(base)
+
+
+def test_size_conditioning_follows_each_file_size_and_crop(base, tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(folder / "wide.png")  # h 32, w 48
+    Image.fromarray(rng.integers(0, 255, (40, 20, 3), dtype=np.uint8)).save(folder / "tall.png")  # h 40, w 20
+    # As diffusers' SDXL scripts: short side resized to 32, then a center crop: wide 48x32 -> left 8; tall -> 32x64, top 16.
+    expected = {(32.0, 48.0, 0.0, 8.0, 32.0, 32.0), (40.0, 20.0, 16.0, 0.0, 32.0, 32.0)}
+    seen = []
+    original_predict = diffusion.predict
+
+    def recording_predict(model, unet, noisy, timesteps, text, sizes=None):
+        if sizes is not None:
+            seen.extend(tuple(row) for row in sizes.tolist())
+        return original_predict(model, unet, noisy, timesteps, text, sizes)
+
+    monkeypatch.setattr(diffusion, "predict", recording_predict)
+    _run(base, tmp_path / "run", data=str(folder), caption="a digit", train="lora", rank=2, steps=2, batch_size=4)
+    assert seen and set(seen) == expected
+
+    from genadapt.data import load_dataset
+
+    padded = load_dataset(str(folder), resolution=32, fit="pad", caption="a digit")
+    assert {record.crop_top_left for record in padded.records} == {(0, 0)}

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from genadapt.data.captions import read_metadata, sidecar_caption
-from genadapt.data.images import IMAGE_EXTENSIONS, fit_square, open_image, to_rgb
+from genadapt.data.images import IMAGE_EXTENSIONS, crop_top_left, fit_square, open_image, to_rgb
 from genadapt.data.imageset import ImageRecord, ImageSet
 from genadapt.errors import DataError
 
@@ -120,8 +120,11 @@ def load_folder(
     captions, _ = _captions_for(folder, paths, caption, caption_extension, caption_column)
     pixels = np.stack([np.asarray(fit_square(image, resolution, fit, background), dtype=np.uint8) for _, image in found.usable])
     records = [
-        ImageRecord(id=path.relative_to(folder).as_posix(), caption=text, label="", sha256=file_sha256(path))
-        for path, text in zip(paths, captions)
+        ImageRecord(
+            id=path.relative_to(folder).as_posix(), caption=text, label="", sha256=file_sha256(path),
+            original_size=(image.height, image.width), crop_top_left=crop_top_left(image.width, image.height, resolution, fit),
+        )
+        for (path, image), text in zip(found.usable, captions)
     ]
     return ImageSet(str(folder), pixels, records, skipped=[reason for _, reason in found.unusable])
 

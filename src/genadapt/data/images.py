@@ -117,6 +117,15 @@ def fit_square(image: Image.Image, resolution: int, fit: str = "crop", backgroun
     return image
 
 
+def crop_top_left(width: int, height: int, resolution: int, fit: str = "crop") -> tuple[int, int]:
+    """Where `fit_square`'s crop starts, in the frame of the image resized so its short side is
+    `resolution`: diffusers' SDXL scripts' `crop_top_left` for a center crop; (0, 0) when padding."""
+    if fit != "crop":
+        return 0, 0
+    scale = resolution / min(width, height)
+    return max(0, round((round(height * scale) - resolution) / 2)), max(0, round((round(width * scale) - resolution) / 2))
+
+
 def load_rgb(path: Path, resolution: int, fit: str = "crop", background: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
     """A user image as a uint8 HxWx3 array at `resolution`."""
     return np.asarray(fit_square(to_rgb(open_image(path), background), resolution, fit, background), dtype=np.uint8)

@@ -6,6 +6,7 @@ streaming dataset, and lets every run hash exactly what it trained on.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 
@@ -20,6 +21,10 @@ class ImageRecord:
     caption: str = ""
     label: str = ""
     sha256: str = ""  # of the source file bytes (user data) or of the rendered pixels (built-in)
+    # SDXL's micro-conditioning (Podell et al. 2023 §2.2): the file's (height, width) before fitting and
+    # the crop's (top, left) at training scale; None for built-in images, which are rendered at size.
+    original_size: tuple[int, int] | None = None
+    crop_top_left: tuple[int, int] = (0, 0)
 
 
 @dataclass
@@ -50,7 +55,7 @@ class ImageSet:
 
     def with_captions(self, caption: str) -> "ImageSet":
         """The same images, every caption replaced (e.g. a textual-inversion prompt)."""
-        records = [ImageRecord(r.id, caption, r.label, r.sha256) for r in self.records]
+        records = [dataclasses.replace(r, caption=caption) for r in self.records]
         return ImageSet(self.name, self.pixels, records, list(self.skipped))
 
     def tensors(self):

@@ -176,14 +176,25 @@ def encode_text(model: DiffusionModel, token_ids: torch.Tensor, encoders: list |
     return TextCondition(torch.cat(states, dim=-1), pooled)
 
 
-def predict(model: DiffusionModel, unet, noisy: torch.Tensor, timesteps: torch.Tensor, text: TextCondition) -> torch.Tensor:
-    """The UNet's output for x_t; SDXL's size conditioning is the training resolution with no crop,
-    which is what our data loader produces (and what its pipeline uses by default at sampling)."""
+def size_ids(model: DiffusionModel, records) -> torch.Tensor:
+    """SDXL's six size numbers per image, [N, 6]: original (h, w), crop (top, left), target (h, w), as
+    diffusers' SDXL training scripts record them; images without an original size count as rendered at size."""
+    size = model.resolution
+    rows = [(*(record.original_size or (size, size)), *record.crop_top_left, size, size) for record in records]
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def predict(
+    model: DiffusionModel, unet, noisy: torch.Tensor, timesteps: torch.Tensor, text: TextCondition, sizes: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The UNet's output for x_t. SDXL also takes `sizes` ([N, 6] from `size_ids`); without them, the
+    training resolution with no crop (what its pipeline uses by default at sampling)."""
     device = noisy.device
     extra = {}
     if text.pooled is not None:
-        size = model.resolution
-        time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=text.pooled.dtype, device=device).repeat(len(noisy), 1)
+        if sizes is None:
+            sizes = torch.tensor([[model.resolution, model.resolution, 0, 0, model.resolution, model.resolution]]).expand(len(noisy), -1)
+        time_ids = sizes.to(device=device, dtype=text.pooled.dtype)
         extra["added_cond_kwargs"] = {"text_embeds": text.pooled.to(device), "time_ids": time_ids}
     return unet(noisy, timesteps.to(device), text.embeds.to(device), **extra).sample
 

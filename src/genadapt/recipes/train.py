@@ -119,6 +119,7 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
     latents_mean, latents_std = diffusion.encode_images(model, images.tensors())
     scale = model.vae.config.scaling_factor
     token_ids = diffusion.tokenize(model, captions)
+    sizes = diffusion.size_ids(model, images.records) if model.is_sdxl else None
     cached_text = None
     if not technique.trains_text_encoder:
         with torch.no_grad():
@@ -159,13 +160,14 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
         noisy, noise, timesteps = diffusion.add_noise(model, latents, generator)
         with accelerator.accumulate(unet):
             text = cached_text[index] if cached_text is not None else diffusion.encode_text(model, token_ids[index], text_encoders)
-            prediction = diffusion.predict(model, unet, noisy.to(accelerator.device), timesteps, text)
+            batch_sizes = None if sizes is None else sizes[index]
+            prediction = diffusion.predict(model, unet, noisy.to(accelerator.device), timesteps, text, batch_sizes)
             target = diffusion.target_for(model, latents, noise, timesteps).to(prediction.device)
             terms = {"denoise": diffusion.denoise_loss(prediction, target)}
             step = Step(
                 index=step_index,
                 model=model,
-                batch={"latents": latents, "token_ids": token_ids[index], "text": text, "index": index},
+                batch={"latents": latents, "token_ids": token_ids[index], "text": text, "sizes": batch_sizes, "index": index},
                 outputs={"noisy": noisy, "noise": noise, "timesteps": timesteps, "prediction": prediction, "target": target},
                 generator=generator,
             )

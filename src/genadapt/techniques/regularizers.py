@@ -44,7 +44,7 @@ def source_prediction(step: Step) -> torch.Tensor:
     if "source_prediction" not in step.outputs:
         outputs, batch = step.outputs, step.batch
         with torch.no_grad(), _source_unet(step.model) as unet:
-            step.outputs["source_prediction"] = diffusion.predict(step.model, unet, outputs["noisy"], outputs["timesteps"], batch["text"].detach())
+            step.outputs["source_prediction"] = diffusion.predict(step.model, unet, outputs["noisy"], outputs["timesteps"], batch["text"].detach(), batch.get("sizes"))
     return step.outputs["source_prediction"]
 
 
@@ -192,7 +192,7 @@ class FeatureMatching:
     def _features(self, unet, step: Step) -> list[torch.Tensor]:
         self._into = []
         try:
-            diffusion.predict(step.model, unet, step.outputs["noisy"], step.outputs["timesteps"], step.batch["text"])
+            diffusion.predict(step.model, unet, step.outputs["noisy"], step.outputs["timesteps"], step.batch["text"], step.batch.get("sizes"))
             return self._into
         finally:
             self._into = None
