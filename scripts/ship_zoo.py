@@ -105,7 +105,8 @@ def quality(name: str, folder: Path, n: int, config: dict) -> tuple[dict, torch.
         "fid": metrics.fid_with_ci(feats_fake, feats_real),
         "precision_recall": metrics.precision_recall(feats_real, feats_fake),
     }
-    # Scale: what real source images of the same count, not in the reference, score against it.
+    # Scale: what real source images of the same count score against it (from source/train when the
+    # reference is held out; otherwise a subset of the reference itself, which biases this floor low).
     others = load_dataset("builtin:openmoji/source/train" if spec.endswith("/reference") else spec)
     feats_others = cached_features(extractor, others)
     subset = feats_others[torch.randperm(len(feats_others), generator=torch.Generator().manual_seed(1))[:n]]

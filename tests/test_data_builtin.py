@@ -81,3 +81,13 @@ def test_manifest_records_every_item():
     assert manifest["count"] == 3 and len(manifest["items"]) == 3
     assert all(len(item["sha256"]) == 64 for item in manifest["items"])
     assert np.array_equal(load_dataset("builtin:openmoji/flags?shots=3&seed=2").pixels, shots.pixels)
+
+
+def test_records_survive_a_json_round_trip_hashable():
+    import json
+
+    from genadapt.data.imageset import ImageRecord
+
+    record = ImageRecord(id="a.png", caption="x", original_size=(40, 20), crop_top_left=(16, 0))
+    again = ImageRecord(**json.loads(json.dumps(record.__dict__)))
+    assert again == record and hash(again) == hash(record)

@@ -198,3 +198,12 @@ def test_interrupted_progressive_run_resumes_into_the_same_run(teacher, tmp_path
     assert losses(resumed) == losses(whole) and len(losses(whole)) == 12
     with pytest.raises(UserError, match="other settings"):
         distill(DistillConfig(out=str(tmp_path / "resumed"), **dict(settings, learning_rate=2e-4)))
+
+
+def test_kid_check_needs_two_samples_or_none(tmp_path):
+    from genadapt.errors import UserError
+    from genadapt.recipes.distill import _check
+
+    with pytest.raises(UserError, match="kid-images 1"):
+        _check(DistillConfig(teacher="pocket-sd", kind="progressive", out=str(tmp_path), kid_images=1), 1000)
+    _check(DistillConfig(teacher="pocket-sd", kind="progressive", out=str(tmp_path), kid_images=0), 1000)

@@ -26,6 +26,11 @@ class ImageRecord:
     original_size: tuple[int, int] | None = None
     crop_top_left: tuple[int, int] = (0, 0)
 
+    def __post_init__(self):  # JSON (caches, manifests) hands back lists; records stay hashable and comparable
+        if self.original_size is not None:
+            object.__setattr__(self, "original_size", tuple(self.original_size))
+        object.__setattr__(self, "crop_top_left", tuple(self.crop_top_left))
+
 
 @dataclass
 class ImageSet:

@@ -189,14 +189,14 @@ def predict(
 ) -> torch.Tensor:
     """The UNet's output for x_t. SDXL also takes `sizes` ([N, 6] from `size_ids`); without them, the
     training resolution with no crop (what its pipeline uses by default at sampling)."""
-    device = noisy.device
+    device = next(unet.parameters()).device  # inputs may still be on the CPU (cached latents, loss terms)
     extra = {}
     if text.pooled is not None:
         if sizes is None:
             sizes = torch.tensor([[model.resolution, model.resolution, 0, 0, model.resolution, model.resolution]]).expand(len(noisy), -1)
         time_ids = sizes.to(device=device, dtype=text.pooled.dtype)
         extra["added_cond_kwargs"] = {"text_embeds": text.pooled.to(device), "time_ids": time_ids}
-    return unet(noisy, timesteps.to(device), text.embeds.to(device), **extra).sample
+    return unet(noisy.to(device), timesteps.to(device), text.embeds.to(device), **extra).sample
 
 
 def add_noise(model: DiffusionModel, latents: torch.Tensor, generator: torch.Generator, timesteps: torch.Tensor | None = None):

@@ -66,6 +66,7 @@ from genadapt.runs import load_checkpoint, load_torch, progress, save_safetensor
 from genadapt.techniques import distill as losses
 
 STATE_FILE = "checkpoints/state.pt"
+REPORT_ONLY = {"eval_images", "reference_steps", "kid_images", "features"}  # change the report, not the training
 SAMPLES_FILE = "teacher_samples.safetensors"
 # diffusers' train_lcm_distill_lora_sd_wds.py: LoRA on every attention, feed-forward and conv layer.
 LCM_LORA_TARGETS = [
@@ -120,7 +121,7 @@ class DistillConfig(BaseModel):
     # report and bookkeeping
     eval_images: int = Field(8, ge=1)
     reference_steps: int = Field(50, ge=1)
-    kid_images: int = Field(128, ge=0)  # 0: skip the distribution check (KID to the teacher's many-step samples)
+    kid_images: int = Field(128, ge=0)  # 0: skip the distribution check (KID to the teacher's many-step samples); else >= 2
     features: str = "pocket"  # the KID feature space: pocket, an eval-encoder folder, or inception:PATH
     checkpointing_steps: int = Field(100, ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -137,6 +138,8 @@ class DistillConfig(BaseModel):
 def _check(config: DistillConfig, num_train_timesteps: int) -> None:
     """Grids that diffusers' DDIM ("trailing") and LCM schedulers reproduce exactly (§9.4 pitfall 2):
     DDIMScheduler steps t -> t - T // n, so n must divide T."""
+    if config.kid_images == 1:
+        raise UserError("--kid-images 1: KID needs at least 2 samples per set; pass 0 to skip the check, or 2 or more")
     for flag, steps in (("--student-steps", config.n_steps), ("--reference-steps", config.reference_steps), ("--teacher-sample-steps", config.teacher_sample_steps)):
         if num_train_timesteps % steps:
             raise UserError(f"{flag} {steps}: must divide the teacher's {num_train_timesteps} timesteps, so DDIM's grid is exact")
@@ -269,7 +272,9 @@ def _check_resumable(out: Path, resolved: dict) -> None:
     if not (out / STATE_FILE).is_file() or not (out / "config.yaml").is_file():
         return
     previous = yaml.safe_load((out / "config.yaml").read_text())
-    changed = sorted(key for key in set(previous) | set(resolved) if previous.get(key) != resolved.get(key))
+    changed = sorted(
+        key for key in set(previous) | set(resolved) if key not in REPORT_ONLY and previous.get(key) != resolved.get(key)
+    )
     if changed:
         raise UserError(f"{out} holds a checkpoint of a run with other settings ({', '.join(changed[:4])}); use a new --out, or the same settings to resume")
 
@@ -666,10 +671,11 @@ def _distribution(config: DistillConfig, teacher, student_pipeline, student_guid
 
     def features(pipeline, steps: int, guidance: float, seed: int) -> torch.Tensor:
         noise = torch.randn((count, teacher.unet.config.in_channels, size, size), generator=torch.Generator().manual_seed(seed)).to(device)
-        chunks = [
-            _sample(pipeline, kid_prompts[i : i + 64], noise[i : i + 64], steps, guidance, seed + i)["latents"] for i in range(0, count, 64)
-        ]
-        return extract(extractor, _decode(teacher.vae, torch.cat(chunks)), progress=False)
+        chunks = []  # sample, decode and embed 16 at a time: a 512-px teacher's decoded batch must fit a GPU
+        for i in range(0, count, 16):
+            latents = _sample(pipeline, kid_prompts[i : i + 16], noise[i : i + 16], steps, guidance, seed + i)["latents"]
+            chunks.append(extract(extractor, _decode(teacher.vae, latents), progress=False))
+        return torch.cat(chunks)
 
     seed = config.seed + 100  # neither the training samples' noise nor the per-noise evaluation's
     reference = features(teacher.pipeline, config.reference_steps, config.guidance, seed)
