@@ -66,7 +66,7 @@ def parameter_count(folder: Path) -> int:
     return sum(t.numel() for path in folder.rglob("*.safetensors") for t in load_file(path).values())
 
 
-def reference_for(name: str, config: dict) -> tuple[str, str]:
+def reference_for(config: dict) -> tuple[str, str]:
     """(data spec, role): the held-out source images when pretraining left some out, else the training split."""
     if config.get("data") == "builtin:openmoji/source/train":
         return "builtin:openmoji/source/reference", "held out: never seen in pretraining"
@@ -91,7 +91,7 @@ def quality(name: str, folder: Path, n: int, config: dict) -> tuple[dict, torch.
     """KID/FID/precision/recall in the eval encoder's space. pocket-sd is prompted with the reference
     images' own captions (in a seeded order), so that content is matched and only quality differs."""
     extractor = get_extractor("pocket")
-    spec, role = reference_for(name, config)
+    spec, role = reference_for(config)
     reference = load_dataset(spec)
     order = torch.randperm(len(reference), generator=torch.Generator().manual_seed(0))
     images, prompts = generate(name, folder, n, [reference.captions[i] for i in order])

@@ -69,8 +69,6 @@ def test_freeze_needs_patterns_that_match(base, tmp_path):
 
 
 def test_lora_base_untouched_merge_equals_unmerged_and_exports_load(base, tmp_path):
-    from diffusers import StableDiffusionPipeline
-
     _run(base, tmp_path / "lora", train="lora", rank=2, alpha=4.0)
     reference = _state(diffusion.load(base).unet)
 

@@ -2,7 +2,6 @@
 samples towards the held-out target domain."""
 
 import pytest
-import torch
 
 from genadapt.api import adapt
 from genadapt.data import load_dataset

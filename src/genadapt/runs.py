@@ -60,6 +60,21 @@ def load_torch(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def check_resumable(out: Path, state_file: str, resolved: dict, ignored: set[str] | frozenset = frozenset()) -> None:
+    """A checkpoint only continues the run that wrote it: any changed setting (but `ignored` ones,
+    which may differ between a run and its continuation) would silently mix two runs."""
+    import yaml
+
+    from genadapt.errors import UserError
+
+    if not (out / state_file).is_file() or not (out / "config.yaml").is_file():
+        return
+    previous = yaml.safe_load((out / "config.yaml").read_text())
+    changed = sorted(key for key in set(previous) | set(resolved) if key not in ignored and previous.get(key) != resolved.get(key))
+    if changed:
+        raise UserError(f"{out} holds a checkpoint of a run with other settings ({', '.join(changed[:4])}); use a new --out, or the same settings to resume")
+
+
 def load_checkpoint(path: Path, required: set[str]) -> dict:
     """A resume checkpoint, or a one-line error when it is unreadable or from an older format."""
     from genadapt.errors import UserError

@@ -34,14 +34,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from genadapt.data.folder import file_sha256
 from genadapt.errors import UserError
-from genadapt.eval.metrics import cluster_pair_means
+from genadapt.eval.metrics import cluster_diversity
 
 __all__ = [
     "LPIPS",
@@ -375,23 +374,11 @@ def intra_cluster_lpips(
     x, t = _images(samples_images), _images(train_images)
     if len(x) < 1 or len(t) < 1:
         raise UserError(f"intra_cluster_lpips: needs at least 1 sample and 1 training image, got {len(x)} and {len(t)}")
-    to_train = lpips_pairwise(model, x, t, size=size, batch_size=batch_size)
-    nn_dist, assign = to_train.min(dim=1)
-    per_cluster, sizes, used = cluster_pair_means(
-        assign, len(t), lambda members: lpips_pairwise(model, x[members], size=size, batch_size=batch_size), max_per_cluster, seed
+    result = cluster_diversity(
+        lpips_pairwise(model, x, t, size=size, batch_size=batch_size),
+        lambda members: lpips_pairwise(model, x[members], size=size, batch_size=batch_size),
+        max_per_cluster,
+        seed,
     )
     resize = f"{size}x{size} bilinear" if size is not None else f"native size (>= {MIN_NATIVE} px)"
-    return {
-        "value": float(np.mean(used)) if used else float("nan"),
-        "std": float(np.std(used)) if used else float("nan"),
-        "per_cluster": per_cluster,
-        "cluster_sizes": sizes,
-        "n_clusters_used": len(used),
-        "max_per_cluster": max_per_cluster,
-        "distance": "lpips",
-        "space": f"{model.model_id}, {resize}",
-        "distance_name": f"LPIPS ({model.net})",
-        "size": size,
-        "nearest_shot": assign.tolist(),
-        "nn_distance": nn_dist.tolist(),
-    }
+    return {**result, "distance": "lpips", "space": f"{model.model_id}, {resize}", "distance_name": f"LPIPS ({model.net})", "size": size}

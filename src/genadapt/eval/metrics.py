@@ -14,7 +14,6 @@ shared/research/gan_anchors.md sections 2.4 and 6):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from functools import partial
 
@@ -329,10 +328,12 @@ def density_coverage(real, fake, k: int = 5) -> dict:
 # --------------------------------------------------------------------------- diversity and copying
 
 
-def cluster_pair_means(assign: torch.Tensor, n_clusters: int, pairwise, max_per_cluster: int | None, seed: int):
-    """CDC's protocol core: per cluster k, the mean of pairwise(members)[i<j] over at most
-    `max_per_cluster` random members; clusters with < 2 members give None. Returns
-    (per_cluster, sizes, used values)."""
+def cluster_diversity(to_train: torch.Tensor, pairwise, max_per_cluster: int | None, seed: int) -> dict:
+    """CDC's protocol core, shared by every distance: each sample joins its nearest shot (rows of
+    `to_train`, [samples, shots]); per cluster k, the mean of pairwise(members)[i<j] over at most
+    `max_per_cluster` random members; clusters with < 2 members give None. The caller names the distance."""
+    nn_dist, assign = to_train.min(dim=1)
+    n_clusters = to_train.shape[1]
     gen = torch.Generator().manual_seed(seed)
     per_cluster: list[float | None] = []
     sizes: list[int] = []
@@ -347,7 +348,17 @@ def cluster_pair_means(assign: torch.Tensor, n_clusters: int, pairwise, max_per_
         dm = pairwise(members)
         iu = torch.triu_indices(dm.shape[0], dm.shape[0], offset=1, device=dm.device)
         per_cluster.append(float(dm[iu[0], iu[1]].mean()))
-    return per_cluster, sizes, [v for v in per_cluster if v is not None]
+    used = [v for v in per_cluster if v is not None]
+    return {
+        "value": float(np.mean(used)) if used else float("nan"),
+        "std": float(np.std(used)) if used else float("nan"),
+        "per_cluster": per_cluster,
+        "cluster_sizes": sizes,
+        "n_clusters_used": len(used),
+        "max_per_cluster": max_per_cluster,
+        "nearest_shot": assign.tolist(),
+        "nn_distance": nn_dist.tolist(),
+    }
 
 
 def intra_cluster_diversity(
@@ -374,22 +385,8 @@ def intra_cluster_diversity(
         raise MetricInputError("intra_cluster_diversity: `space` must name the feature space, e.g. 'inception-pool3'")
     if max_per_cluster is not None and max_per_cluster < 2:
         raise MetricInputError(f"max_per_cluster must be >= 2 or None, got {max_per_cluster}")
-    to_train = _dist(x, t, distance)
-    nn_dist, assign = to_train.min(dim=1)
-    per_cluster, sizes, used = cluster_pair_means(assign, t.shape[0], lambda m: _dist(x[m], x[m], distance), max_per_cluster, seed)
-    return {
-        "value": float(np.mean(used)) if used else float("nan"),
-        "std": float(np.std(used)) if used else float("nan"),
-        "per_cluster": per_cluster,
-        "cluster_sizes": sizes,
-        "n_clusters_used": len(used),
-        "max_per_cluster": max_per_cluster,
-        "distance": distance,
-        "space": space,
-        "distance_name": f"{distance} distance on {space} features",
-        "nearest_shot": assign.tolist(),
-        "nn_distance": nn_dist.tolist(),
-    }
+    result = cluster_diversity(_dist(x, t, distance), lambda m: _dist(x[m], x[m], distance), max_per_cluster, seed)
+    return {**result, "distance": distance, "space": space, "distance_name": f"{distance} distance on {space} features"}
 
 
 def memorisation(samples_feats, train_feats, ratio: float = 1 / 3, reference=None) -> dict:

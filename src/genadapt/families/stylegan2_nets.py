@@ -104,7 +104,6 @@ def upfirdn2d(
     x = F.pad(x, [max(p0, 0), max(p1, 0), max(p0, 0), max(p1, 0)])
     if p0 < 0 or p1 < 0:
         x = x[:, :, max(-p0, 0) : x.shape[2] - max(-p1, 0), max(-p0, 0) : x.shape[3] - max(-p1, 0)]
-    hp, wp = x.shape[2], x.shape[3]
     # One filter for every channel as a depthwise conv: ~3x faster backward on CPU than folding
     # channels into the batch for a 1-channel conv (measured on pocket-stylegan2's training step).
     weight = torch.flip(kernel, [0, 1]).to(dtype=x.dtype, device=x.device).view(1, 1, kh, kw).repeat(c, 1, 1, 1)

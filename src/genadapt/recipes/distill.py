@@ -62,7 +62,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from genadapt.errors import UserError
 from genadapt.families import diffusion
-from genadapt.runs import load_checkpoint, load_torch, progress, save_safetensors, save_torch, use_cpu, write_json, write_manifest, write_yaml
+from genadapt.runs import check_resumable, load_checkpoint, progress, save_safetensors, save_torch, use_cpu, write_json, write_manifest, write_yaml
 from genadapt.techniques import distill as losses
 
 STATE_FILE = "checkpoints/state.pt"
@@ -265,20 +265,6 @@ def _trainable(module) -> dict[str, torch.nn.Parameter]:
     return {name: parameter for name, parameter in module.named_parameters() if parameter.requires_grad}
 
 
-def _check_resumable(out: Path, resolved: dict) -> None:
-    """A checkpoint only continues the run that wrote it (any changed setting would mix two runs)."""
-    import yaml
-
-    if not (out / STATE_FILE).is_file() or not (out / "config.yaml").is_file():
-        return
-    previous = yaml.safe_load((out / "config.yaml").read_text())
-    changed = sorted(
-        key for key in set(previous) | set(resolved) if key not in REPORT_ONLY and previous.get(key) != resolved.get(key)
-    )
-    if changed:
-        raise UserError(f"{out} holds a checkpoint of a run with other settings ({', '.join(changed[:4])}); use a new --out, or the same settings to resume")
-
-
 def fit(stage_index: int, stage: Stage, data: TeacherSamples, embeds: torch.Tensor, config: DistillConfig, out: Path, accelerator, run: dict, bar) -> None:
     """Optimise one stage from `run["step"]`; `run` holds the generator and history across stages."""
     module = accelerator.unwrap_model(stage.student)
@@ -319,14 +305,11 @@ def fit(stage_index: int, stage: Stage, data: TeacherSamples, embeds: torch.Tens
     stage.student.eval()
 
 
-def resume(out: Path, stage_index: int, stage: Stage, run: dict, accelerator) -> None:
-    """Continue `stage` mid-way if the checkpoint is this stage's (the generator and history were
-    restored by `distill`; a finished earlier stage left its artifact on disk)."""
-    path = out / STATE_FILE
-    if not path.is_file():
-        return
-    state = load_torch(path)
-    if state["stage"] == stage_index:
+def resume(stage_index: int, stage: Stage, run: dict, accelerator) -> None:
+    """Continue `stage` mid-way if the checkpoint `distill` read at start is this stage's (it also
+    restored the generator and history; a finished earlier stage left its artifact on disk)."""
+    state = run["checkpoint"]
+    if state is not None and state["stage"] == stage_index:
         trainable = _trainable(accelerator.unwrap_model(stage.student))
         with torch.no_grad():
             for name, value in state["trainable"].items():
@@ -393,7 +376,7 @@ def progressive(config, teacher, data, embeds, uncond, out, accelerator, run, ba
         student = losses.Denoiser(student_unet, student_type, schedule)
         loss = losses.ProgressiveDistillation(schedule, student_steps)
         stage = Stage(f"round {round_index + 1}: {teacher_steps}->{student_steps} steps", student_unet, lambda x0, c, g: loss(student, round_teacher, x0, c, g), optimizer, lr_schedule)
-        resume(out, round_index, stage, run, accelerator)
+        resume(round_index, stage, run, accelerator)
         fit(round_index, stage, data, embeds, config, out, accelerator, run, bar)
         if accelerator.is_main_process:  # written beside, then renamed: a round folder is complete or absent
             staging = folder.with_name(folder.name + ".tmp")
@@ -438,7 +421,7 @@ def consistency(config, teacher, data, embeds, uncond, out, accelerator, run, ba
         return loss(student, base, x0, text_embeds, generator)
 
     stage = Stage("consistency", unet, step_loss, optimizer, lr_schedule)
-    resume(out, 0, stage, run, accelerator)
+    resume(0, stage, run, accelerator)
     fit(0, stage, data, embeds, config, out, accelerator, run, bar)
     artifacts = []
     if accelerator.is_main_process:
@@ -494,7 +477,7 @@ def architecture(config, teacher, data, embeds, uncond, out, accelerator, run, b
         return {name: float(value) for name, value in terms.items()}
 
     stage = Stage(f"architecture (-{'-'.join(config.remove_blocks)})", prepared, lambda x0, c, g: kd(prepared, teacher.unet, x0, c, g), optimizer, lr_schedule)
-    resume(out, 0, stage, run, accelerator)
+    resume(0, stage, run, accelerator)
     before = held_out() if run["step"] == 0 else None
     fit(0, stage, data, embeds, config, out, accelerator, run, bar)
     after = held_out()
@@ -749,7 +732,7 @@ def distill(config: DistillConfig, accelerator=None) -> Path:
     _check(config, teacher.noise_scheduler.config.num_train_timesteps)
     prompts, shots = resolve_prompts(config, teacher)
     resolved = {"family": "diffusion", "recipe": "distill", "base": config.teacher, **json.loads(config.model_dump_json())}
-    _check_resumable(out, resolved)
+    check_resumable(out, STATE_FILE, resolved, ignored=REPORT_ONLY)
     if main:
         write_yaml(out / "config.yaml", resolved)
         write_json(out / "prompts.json", prompts)
@@ -763,10 +746,11 @@ def distill(config: DistillConfig, accelerator=None) -> Path:
 
     stages = len(_rounds(config)) if config.kind == "progressive" else 1
     # One explicit generator drives batches, noise and timesteps across stages, so a resumed run is the same run.
-    run = {"generator": torch.Generator().manual_seed(config.seed), "history": [], "step": 0}
+    run = {"generator": torch.Generator().manual_seed(config.seed), "history": [], "step": 0, "checkpoint": None}
     done = 0
     if (out / STATE_FILE).is_file():
         state = load_checkpoint(out / STATE_FILE, {"generator", "history", "stage", "step", "trainable", "optimizer", "schedule"})
+        run["checkpoint"] = state
         run["generator"].set_state(state["generator"])
         run["history"] = state["history"]
         done = state["stage"] * config.steps + state["step"]

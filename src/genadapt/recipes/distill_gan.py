@@ -42,7 +42,7 @@ from genadapt.families import gan
 from genadapt.families.stylegan2 import MIXING_PROB, mixing_noise, save_stylegan2
 from genadapt.families.stylegan2 import sample as sample_stylegan2
 from genadapt.families.stylegan2_nets import Generator
-from genadapt.runs import load_checkpoint, progress, save_torch, write_json, write_manifest, write_yaml
+from genadapt.runs import check_resumable, load_checkpoint, progress, save_torch, write_json, write_manifest, write_yaml
 
 STATE_FILE = "checkpoints/state.pt"
 DEFAULT_LR = 2e-3  # StyleGAN2's generator learning rate (equalized learning rate makes it scale-free)
@@ -162,7 +162,7 @@ def quality(student: Generator, teacher: Generator, n: int, seed: int, extractor
 def distill_gan(config) -> Path:
     """Distil the StyleGAN2 `config.teacher` into a `config.student_width`-wide generator; returns the run folder."""
     from genadapt.grid import save_grid
-    from genadapt.recipes.distill import _check_resumable
+    from genadapt.recipes.distill import REPORT_ONLY
 
     out = Path(config.out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -173,7 +173,7 @@ def distill_gan(config) -> Path:
     lr = config.learning_rate or DEFAULT_LR
 
     resolved = {"family": "gan", "recipe": "distill", "base": config.teacher, **json.loads(config.model_dump_json())}
-    _check_resumable(out, resolved)
+    check_resumable(out, STATE_FILE, resolved, ignored=REPORT_ONLY)
     write_yaml(out / "config.yaml", resolved)
     write_manifest(out, config.seed, {}, {"teacher": config.teacher, "resolution": teacher.size, "student_width": width})
 

@@ -15,7 +15,7 @@ import torch
 
 from genadapt.config import AdaptConfig
 from genadapt.families import diffusion
-from genadapt.runs import load_checkpoint, save_torch, use_cpu, write_json, write_manifest, write_yaml
+from genadapt.runs import check_resumable, load_checkpoint, save_torch, use_cpu, write_json, write_manifest, write_yaml
 from genadapt.techniques import Step, make_loss_techniques, make_parameter_technique
 
 STATE_FILE = "checkpoints/state.pt"
@@ -30,22 +30,6 @@ def _load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, value in state.items():
             parameters[name].copy_(value)
-
-
-def _check_resumable(out: Path, resolved: dict) -> None:
-    """A checkpoint only continues the run that wrote it; anything else would silently mix two runs."""
-    import yaml
-
-    from genadapt.errors import UserError
-
-    if not (out / STATE_FILE).is_file() or not (out / "config.yaml").is_file():
-        return
-    previous = yaml.safe_load((out / "config.yaml").read_text())
-    changed = sorted(key for key in set(previous) | set(resolved) if key not in ("steps",) and previous.get(key) != resolved.get(key))
-    if changed:
-        raise UserError(
-            f"{out} holds a checkpoint of a run with other settings ({', '.join(changed[:4])}); use a new --out, or the same settings to resume"
-        )
 
 
 def _sample_grid(model, config: AdaptConfig, prompts: list[str], path: Path) -> Path:
@@ -111,7 +95,7 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
         loss_technique.prepare(model, images, config)
 
     resolved = {"family": "diffusion", **json.loads(config.model_dump_json())}
-    _check_resumable(out, resolved)
+    check_resumable(out, STATE_FILE, resolved, ignored={"steps"})  # a longer run continues a shorter one
     if main:
         write_yaml(out / "config.yaml", resolved)
         write_manifest(out, config.seed, {"train": images}, {"base": config.base, "resolution": model.resolution})

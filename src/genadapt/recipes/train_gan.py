@@ -37,8 +37,8 @@ from genadapt.families.stylegan2 import (
     g_nonsaturating_loss,
     lazy_adam_hyperparameters,
 )
-from genadapt.recipes.train import STATE_FILE, _check_resumable, _load_trainable_state, _trainable_state
-from genadapt.runs import load_checkpoint, progress, save_torch, use_cpu, write_json, write_manifest, write_text, write_yaml
+from genadapt.recipes.train import STATE_FILE, _load_trainable_state, _trainable_state
+from genadapt.runs import check_resumable, load_checkpoint, progress, save_torch, use_cpu, write_json, write_manifest, write_text, write_yaml
 from genadapt.techniques import Step
 from genadapt.techniques.gan import make_parameter_technique
 from genadapt.techniques.gan_losses import make_loss_techniques
@@ -136,7 +136,7 @@ def adapt_gan(config: AdaptConfig) -> dict:
 
     gamma = r1_gamma(config, model)
     resolved = {"family": "gan", **json.loads(config.model_dump_json()), **technique.resolved, "r1_gamma": gamma}
-    _check_resumable(out, resolved)
+    check_resumable(out, STATE_FILE, resolved, ignored={"steps"})
     write_yaml(out / "config.yaml", resolved)
     write_manifest(out, config.seed, {"train": images}, {"base": config.base, "resolution": model.resolution})
 

@@ -11,10 +11,9 @@ checkpointed atomically; rerunning the same command resumes where it stopped.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
