@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 from PIL import Image
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from genadapt import __version__
 from genadapt.cli import app

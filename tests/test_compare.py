@@ -5,7 +5,8 @@ import json
 import pytest
 
 from diffusion_fixtures import build_tiny_pipeline
-from genadapt.recipes.compare import CompareSettings, ComparePlan, compare, make_plan
+from genadapt.config import CompareConfig as CompareSettings
+from genadapt.recipes.compare import ComparePlan, compare, make_plan
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def test_compare_writes_complete_results_and_resumes(base, tmp_path):
 
 
 def test_plan_drops_the_most_expensive_runs_first(tmp_path):
-    settings = CompareSettings(base="x", data="x", reference="x", out=tmp_path, shots=[1, 10], techniques=["lora", "full"], budget_minutes=1, min_steps=50, samples=0)
+    settings = CompareSettings(base="x", data="x", reference="x", out=tmp_path, shots=[1, 10], techniques=["lora", "full"], budget_minutes=1, min_steps=50, samples=2)
     per_step = {"lora": 0.1, "lora:setup": 1.0, "full": 1.0, "full:setup": 1.0}
     plan = make_plan(settings, per_step, per_sample=0.0)
     assert isinstance(plan, ComparePlan) and plan.steps >= 50

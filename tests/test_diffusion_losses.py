@@ -8,8 +8,9 @@ from genadapt.config import AdaptConfig
 from genadapt.data import load_dataset
 from genadapt.families import diffusion
 from genadapt.techniques import Step
-from genadapt.techniques.lora import LoRA
-from genadapt.techniques.regularizers import EWC, Relational, pairwise_kl
+from genadapt.techniques.ewc import DiffusionEWC, EWCSettings
+from genadapt.techniques.lora import LoRA, LoRASettings
+from genadapt.techniques.relational import Relational, pairwise_kl
 
 
 @pytest.fixture(scope="module")
@@ -18,14 +19,14 @@ def base(tmp_path_factory):
 
 
 def _config(tmp_path, **values):
-    return AdaptConfig(base="x", data="builtin:digits/3", out=tmp_path, ewc_samples=4, sample_steps=2, **values)
+    return AdaptConfig(base="x", data="builtin:digits/3", out=tmp_path, sample_steps=2, **values)
 
 
 def test_ewc_zero_at_start_fisher_positive_and_growing_with_drift(base, tmp_path):
     model = diffusion.load(base)
     model.unet.requires_grad_(True)
     images = load_dataset("builtin:digits/3?shots=2", resolution=32)
-    ewc = EWC()
+    ewc = DiffusionEWC(EWCSettings(ewc_samples=4))
     ewc.prepare(model, images, _config(tmp_path))
     assert float(ewc.penalty(model)) == 0.0
     assert all((f >= 0).all() for f in ewc.fisher.values()) and sum(f.sum() for f in ewc.fisher.values()) > 0
@@ -47,7 +48,7 @@ def test_pairwise_kl_zero_for_identical_and_positive_for_different():
 
 def test_relational_zero_before_adaptation_with_lora(base, tmp_path):
     model = diffusion.load(base)
-    LoRA(rank=2).prepare(model)  # B = 0: the adapted model equals the source
+    LoRA(LoRASettings(rank=2)).prepare(model)  # B = 0: the adapted model equals the source
     relational = Relational()
     relational.prepare(model, None, _config(tmp_path))
     generator = torch.Generator().manual_seed(0)

@@ -162,9 +162,9 @@ def test_resume_from_a_checkpoint_of_an_older_format_says_what_to_do(base, tmp_p
     _run(base, tmp_path / "old", train="lora", steps=2, checkpointing_steps=2)
     state_path = tmp_path / "old" / "checkpoints" / "state.pt"
     state = load_torch(state_path)
-    del state["generators"]
+    del state["local_generators"]  # the pre-registry format had one "generators" list instead
     save_torch(state_path, state)
-    with pytest.raises(UserError, match="lacks generators.*new --out"):
+    with pytest.raises(UserError, match="lacks local_generators.*new --out"):
         _run(base, tmp_path / "old", train="lora", steps=4, checkpointing_steps=2)
     state_path.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="cannot be read.*start the run over"):

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import torch
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from genadapt.cli import app
 from genadapt.data import load_dataset

@@ -18,8 +18,11 @@ from genadapt.families import gan
 from genadapt.families.stylegan2 import save_stylegan2
 from genadapt.recipes.train_gan import adapt_gan
 from genadapt.techniques import Step
-from genadapt.techniques.gan import FullFineTuning, has_lora, lora_state, merge_lora
-from genadapt.techniques.gan_losses import CDC, EWC
+from genadapt.models import load_run
+from genadapt.techniques.cdc import CDC
+from genadapt.techniques.ewc import GANEWC, GANEWCSettings
+from genadapt.techniques.full import GANFullFineTuning
+from genadapt.techniques.lora import has_lora, lora_state, merge_lora
 from genadapt.zoo.pocket_stylegan2 import PocketStyleGAN2Config, build
 
 DATA = "builtin:digits/3?shots=5"
@@ -36,9 +39,10 @@ def base(tmp_path_factory):
 
 
 def _run(base, out, **values) -> dict:
-    settings = dict(base=base, data=DATA, steps=3, batch_size=4, checkpointing_steps=2, num_validation_images=4,
-                    ewc_samples=8, out=out)
+    settings = dict(base=base, data=DATA, steps=3, batch_size=4, checkpointing_steps=2, num_validation_images=4, out=out)
     settings.update(values)
+    if "ewc" in settings.get("loss", []):
+        settings["ewc_samples"] = 8
     return adapt_gan(AdaptConfig(**settings))
 
 
@@ -63,9 +67,10 @@ def _images(generator, seed=0):
 def test_family_defaults_fill_gan_and_keep_diffusion(base, tmp_path):
     gan_config = AdaptConfig(base=base, data=DATA, out=tmp_path)
     assert (gan_config.family, gan_config.train, gan_config.augment, gan_config.steps, gan_config.lr) == ("gan", "freeze", "diffaugment", 1000, 0.002)
-    diffusion_config = AdaptConfig(base="pocket-sd", data=DATA, out=tmp_path)
-    assert (diffusion_config.train, diffusion_config.augment, diffusion_config.steps, diffusion_config.ewc_samples) == ("lora", "none", 200, 32)
-    with pytest.raises(ValueError, match="freeze-d"):
+    diffusion_config = AdaptConfig(base="pocket-sd", data=DATA, loss=["ewc"], out=tmp_path)
+    assert (diffusion_config.train, diffusion_config.augment, diffusion_config.steps, diffusion_config.section("ewc").ewc_samples) == ("lora", "none", 200, 32)
+    assert AdaptConfig(base=base, data=DATA, loss=["ewc"], out=tmp_path).section("ewc").ewc_samples == 1024
+    with pytest.raises(UserError, match="freeze-d"):
         AdaptConfig(base="pocket-sd", data=DATA, freeze_d=2, out=tmp_path)
 
 
@@ -108,7 +113,7 @@ def test_lora_leaves_base_bitwise_and_merges_exactly(base, tmp_path):
     assert not has_lora(merged_generator) and set(merged_generator.state_dict()) == set(source.g_ema.state_dict())
     torch.testing.assert_close(_images(merged_generator), unmerged, atol=1e-5, rtol=0)
     assert (unmerged - _images(source.g_ema)).abs().max() > 1e-6  # the adapter does something
-    reloaded = gan.load_run(tmp_path / "lora")  # the base + lora.safetensors
+    reloaded = load_run(tmp_path / "lora")  # the base + lora.safetensors
     torch.testing.assert_close(gan.sample(reloaded, 3, seed=0), gan.sample(model, 3, seed=0), atol=1e-6, rtol=0)
 
 
@@ -121,14 +126,14 @@ def test_miner_trains_and_generator_stays_bitwise(base, tmp_path):
     miner = load_file(tmp_path / "miner" / "miner.safetensors")
     assert miner["net.2.weight"].abs().sum() > 0  # starts at zero: the miner moved
     assert summary["trainable_generator_parameters"] == sum(p.numel() for p in model.latent_map.parameters())
-    assert torch.equal(gan.sample(gan.load_run(tmp_path / "miner"), 3, seed=0), gan.sample(model, 3, seed=0))
+    assert torch.equal(gan.sample(load_run(tmp_path / "miner"), 3, seed=0), gan.sample(model, 3, seed=0))
 
 
 def test_ewc_fisher_and_penalty(base):
     model = gan.load(base)
-    FullFineTuning().prepare(model)
-    ewc = EWC()
-    ewc.prepare(model, images=None, config=SimpleNamespace(seed=0, ewc_samples=8))
+    GANFullFineTuning().prepare(model)
+    ewc = GANEWC(GANEWCSettings(ewc_samples=8))
+    ewc.prepare(model, images=None, config=SimpleNamespace(seed=0))
     assert ewc.penalty(model) == 0
     assert all((f >= 0).all() for f in ewc.fisher.values())
     assert sum(float(f.sum()) for f in ewc.fisher.values()) > 0
@@ -146,7 +151,7 @@ def test_ewc_fisher_and_penalty(base):
 
 def test_cdc_is_zero_for_the_source_and_positive_after_drift(base):
     model = gan.load(base)
-    FullFineTuning().prepare(model)
+    GANFullFineTuning().prepare(model)
     cdc = CDC()
     cdc.prepare(model, images=[None] * 5, config=SimpleNamespace(seed=0))
     assert cdc.anchors.shape == (5, model.style_dim) and "cdc_patch" in model.d_heads

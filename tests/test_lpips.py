@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import save_file
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from genadapt.errors import UserError
 from genadapt.eval.lpips import LPIPS, intra_cluster_lpips, load_lpips, lpips_distance, lpips_pairwise

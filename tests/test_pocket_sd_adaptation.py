@@ -5,7 +5,7 @@ import pytest
 
 from genadapt.api import adapt
 from genadapt.data import load_dataset
-from genadapt.eval.evaluate import samples_from_base
+from genadapt.models import base_samples as samples_from_base
 from genadapt.eval.features import extract, get_extractor
 from genadapt.families import diffusion
 

@@ -8,7 +8,7 @@ import sys
 import time
 
 import torch
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from diffusion_fixtures import TINY
 from genadapt.cli import app

@@ -1,10 +1,11 @@
-"""The Python surface the CLI wraps: adapt(), sample() (and evaluate(), compare() as they land)."""
+"""The Python surface the CLI wraps: adapt(), sample(), evaluate(), compare(), distill()."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from genadapt.config import AdaptConfig
+from genadapt.errors import UserError
 
 
 def adapt(config: AdaptConfig | None = None, **values) -> Path:
@@ -13,75 +14,81 @@ def adapt(config: AdaptConfig | None = None, **values) -> Path:
     >>> adapt(base="pocket-sd", data="builtin:openmoji/flags?shots=10", train="lora", steps=200, out="runs/flags-lora")
     >>> adapt(base="pocket-stylegan2", data="builtin:openmoji/flags?shots=10", train="freeze", freeze_d=2, loss=["cdc"], out="runs/flags-cdc")
     """
+    from genadapt import recipes
+
     config = config or AdaptConfig(**values)
-    if config.family == "gan":  # pocket-stylegan2, a StyleGAN2 model folder, or a rosinality .pt
-        from genadapt.recipes.train_gan import adapt_gan
-
-        adapt_gan(config)
-    else:
-        from genadapt.recipes.train import adapt_diffusion
-
-        adapt_diffusion(config)
+    recipes.adapt(config)
     return Path(config.out)
 
 
 def load_run_model(run_or_model: str, loras: list[tuple[str, float]] | None = None):
-    """A diffusion model from a run folder (full/freeze pipeline, LoRA or embedding run) or a base."""
-    import yaml
+    """A run folder's adapted model or a base, with diffusion LoRA runs (or files) composed at their weights."""
+    from genadapt import models
+    from genadapt.techniques.lora import add_lora_file
 
-    from genadapt.errors import UserError
-    from genadapt.families import diffusion
-
-    path = Path(run_or_model)
-    if (path / "config.yaml").is_file() and not (path / "model_index.json").is_file():
-        config = yaml.safe_load((path / "config.yaml").read_text())
-        if (path / "pipeline" / "model_index.json").is_file():
-            model = diffusion.load(str(path / "pipeline"))
-        else:
-            model = diffusion.load(config["base"])
-            if (path / "learned_embeds.safetensors").is_file():
-                from genadapt.export.embeddings import load_into
-
-                load_into(model.pipeline, path)
-            if (path / "pytorch_lora_weights.safetensors").is_file():
-                loras = [(str(path), 1.0)] + list(loras or [])
-    else:
-        model = diffusion.load(run_or_model)
-    names, weights = [], []
+    model = models.load(run_or_model)
     for index, (lora, weight) in enumerate(loras or []):
-        lora_path = Path(lora)
-        file = lora_path / "pytorch_lora_weights.safetensors" if lora_path.is_dir() else lora_path
-        if not file.is_file():
-            raise UserError(f"--lora {lora}: no pytorch_lora_weights.safetensors there; pass a LoRA run folder or file")
-        name = f"lora{index}"
-        model.pipeline.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
-        names.append(name)
-        weights.append(weight)
-    if names:
-        model.pipeline.set_adapters(names, adapter_weights=weights)
+        if model.family != "diffusion":
+            raise UserError("--lora composes diffusion LoRA runs; a GAN LoRA run is sampled by passing its run folder")
+        path = Path(lora)
+        if path.is_dir():
+            record = models.run_record(path) if models.is_run(path) else {}
+            if record.get("train") != "lora":
+                raise UserError(f"--lora {lora}: not a LoRA run folder (it recorded --train {record.get('train', '?')}); pass a LoRA run or a .safetensors file")
+            path = path / "pytorch_lora_weights.safetensors"
+        if not path.is_file():
+            raise UserError(f"--lora {lora}: no such LoRA file; pass a LoRA run folder or a .safetensors file")
+        add_lora_file(model, path, f"lora{index}", weight)
     return model
 
 
-def sample(run_or_model: str, prompts: list[str], n: int = 16, steps: int = 25, guidance: float = 4.0, seed: int = 0, loras=None, out: Path | None = None):
-    """n images (prompts cycled; GANs ignore them), NCHW in [-1, 1]; with `out`, also a grid PNG."""
-    import yaml
-
-    from genadapt.families import diffusion, gan
+def sample(run_or_model: str, prompts: list[str] | None = None, n: int = 16, steps: int = 25, guidance: float = 4.0, seed: int = 0,
+           loras=None, out: Path | None = None, negative_prompt: str | None = None, truncation: float = 1.0):
+    """n images NCHW in [-1, 1] (prompts cycled; GANs take none); with `out`, also a grid PNG."""
+    from genadapt import models
     from genadapt.grid import save_grid
 
-    path = Path(run_or_model)
-    is_gan_run = (path / "config.yaml").is_file() and yaml.safe_load((path / "config.yaml").read_text()).get("family") == "gan"
-    if is_gan_run or gan.is_gan_base(run_or_model):
-        if loras:
-            from genadapt.errors import UserError
-
-            raise UserError("--lora composes diffusion LoRA runs; a GAN LoRA run is sampled by passing its run folder")
-        model = gan.load_run(path) if is_gan_run else gan.load(run_or_model)
-        images = gan.sample(model, n, seed)
-    else:
-        model = load_run_model(run_or_model, loras)
-        prompts = [prompts[i % len(prompts)] for i in range(n)]
-        images = diffusion.sample(model, prompts, steps=steps, guidance=guidance, seed=seed, progress=True)
+    model = load_run_model(run_or_model, loras)
+    if model.family == "gan" and any(prompts or []):
+        raise UserError("--prompt: GANs are unconditional; sample a GAN with --seed and --truncation only")
+    images = models.sample(model, n, seed, prompts, steps=steps, guidance=guidance, negative_prompt=negative_prompt, truncation=truncation, progress=True)
+    if not bool(images.isfinite().all()):
+        raise UserError(f"{run_or_model}: the model produced non-finite pixels (NaN or inf); its weights or a --lora are broken, so nothing was written")
     if out is not None:
         save_grid(images, out, scale=2)
     return images
+
+
+def compare(settings=None, **values) -> dict:
+    """Every technique at every shot count on your data, evaluated; a recommendation per data budget."""
+    from genadapt.config import CompareConfig
+    from genadapt.recipes.compare import compare as run_compare
+
+    return run_compare(settings or CompareConfig(**values))
+
+
+def distill(config=None, **values) -> Path:
+    """A fewer-step or smaller student from a teacher (diffusion: progressive, consistency, architecture; GAN: architecture)."""
+    from genadapt.config import DistillConfig
+    from genadapt.families import family_of
+
+    config = config or DistillConfig(**values)
+    if family_of(config.teacher_base()) == "gan":
+        from genadapt.recipes.distill_gan import distill_gan
+
+        return distill_gan(config)
+    from genadapt.recipes.distill import distill as distill_diffusion
+
+    return distill_diffusion(config)
+
+
+def evaluate(samples: str, reference: str, train: str | None = None, features: str = "pocket", out: Path | None = None,
+             num_samples: int | None = None, seed: int = 0, lpips=None) -> dict:
+    """FID/KID with CIs, precision/recall, density/coverage; with `train`, diversity and memorisation.
+
+    `samples` is a folder of images, or a run folder or base, which is sampled here (seeded)."""
+    from genadapt import models
+    from genadapt.eval.evaluate import evaluate as run_evaluate
+
+    images = models.run_samples(samples, num_samples or 64, seed) if models.is_run(samples) else samples
+    return run_evaluate(images, reference, train, features, out, num_samples=num_samples, seed=seed, lpips=lpips)

@@ -1,33 +1,46 @@
-"""The `genadapt` command: thin wrappers that parse, call the Python API and print."""
+"""The `genadapt` command: thin wrappers that parse, call the Python API and print.
+
+`adapt`, `compare` and `distill` are generated from their config models (`genadapt.config`) and the
+technique registry: every field is a flag of the same name (`rank` -> `--rank`, `--rank`'s underscore
+spelling and any declared alias such as diffusers' `--train_batch_size`), read only from what the user
+typed, and validated by the config, which refuses what the run would not read.
+"""
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import Optional
 
+import click
 import typer
 
 from genadapt import __version__
 from genadapt.errors import UserError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Adapt pretrained generators to 1-1000 images.")
-data_app = typer.Typer(no_args_is_help=True, help="Look at data before training on it.")
-zoo_app = typer.Typer(no_args_is_help=True, help="The pocket models shipped with genadapt.")
-app.add_typer(data_app, name="data")
-app.add_typer(zoo_app, name="zoo")
+typer_app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None, help="Adapt pretrained generators to 1-1000 images.")
+data_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Look at data before training on it.")
+zoo_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="The pocket models shipped with genadapt.")
+typer_app.add_typer(data_app, name="data")
+typer_app.add_typer(zoo_app, name="zoo")
+HELP = {"help_option_names": ["-h", "--help"]}
 
 
 def user_errors(command):
-    """Bad input ends with one line on stderr and exit code 2, never a traceback."""
+    """Bad input ends with one line on stderr and exit code 2, never a traceback (GENADAPT_DEBUG=1 shows it)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except UserError as exc:
+            if os.environ.get("GENADAPT_DEBUG"):
+                raise
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
@@ -37,16 +50,8 @@ def user_errors(command):
     return wrapper
 
 
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"genadapt {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def main(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
-) -> None:
+@typer_app.callback()
+def main() -> None:
     """genadapt adapts a pretrained diffusion model or GAN to a small image set."""
 
 
@@ -97,7 +102,7 @@ def _parse_sets(values: list[str]) -> dict[str, str]:
     return pairs
 
 
-@app.command()
+@typer_app.command()
 @user_errors
 def pretrain(
     model: str = typer.Argument(..., help="pocket-sd, pocket-stylegan2 or eval-encoder."),
@@ -131,108 +136,6 @@ def zoo_show(name: str = typer.Argument(..., help="A zoo model name.")) -> None:
     typer.echo(json.dumps(zoo.card(name), indent=2))
 
 
-@app.command(context_settings={"help_option_names": ["-h", "--help"]})
-@user_errors
-def adapt(
-    base: Optional[str] = typer.Option(None, help="pocket-sd, pocket-stylegan2, a diffusers SD or SDXL pipeline folder, a StyleGAN2 model folder or rosinality .pt, or a hub id.  [default: pocket-sd]"),
-    data: Optional[str] = typer.Option(None, "--data", "--instance-data-dir", "--train-data-dir", help="Folder of images or builtin:... spec."),
-    caption: Optional[str] = typer.Option(None, "--caption", "--instance-prompt", help="Prompt for images without a caption of their own."),
-    shots: Optional[int] = typer.Option(None, help="Use a deterministic k-shot subset of the data."),
-    train: Optional[str] = typer.Option(None, help="full | freeze | lora | embedding (GAN: latent miner).  [default: lora; GAN: freeze]"),
-    loss: Optional[list[str]] = typer.Option(None, help="Extra loss NAME[:WEIGHT] (repeatable): diffusion prior, ewc, relational, feature; GAN ewc, cdc, l2sp, feature."),
-    with_prior_preservation: bool = typer.Option(False, "--with-prior-preservation", help="Same as --loss prior (DreamBooth)."),
-    steps: Optional[int] = typer.Option(None, "--steps", "--max-train-steps", help="Optimisation steps.  [default: 200]"),
-    learning_rate: Optional[float] = typer.Option(None, "--learning-rate", "--lr", help="Default per technique: full/freeze 1e-5, lora 1e-4, embedding 5e-3."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "--train-batch-size", help="Images per step.  [default: 4]"),
-    gradient_accumulation_steps: Optional[int] = typer.Option(None, help="Accumulate gradients over this many batches."),
-    mixed_precision: Optional[str] = typer.Option(None, help="no | fp16 | bf16 (GPU)."),
-    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing", help="Trade compute for memory."),
-    seed: Optional[int] = typer.Option(None, help="Seed for shots, noise and batches.  [default: 0]"),
-    trainable: Optional[list[str]] = typer.Option(None, help="--train freeze: parameter patterns that train (repeatable), e.g. 'up_blocks.*'."),
-    freeze: Optional[list[str]] = typer.Option(None, help="--train freeze: parameter patterns kept frozen (repeatable)."),
-    preset: Optional[str] = typer.Option(None, help="--train freeze presets: attention, cross-attention, decoder, encoder, norms."),
-    train_text_encoder: Optional[bool] = typer.Option(None, "--train-text-encoder", help="--train full: also train the text encoder."),
-    rank: Optional[int] = typer.Option(None, help="LoRA rank.  [default: 4]"),
-    alpha: Optional[float] = typer.Option(None, help="LoRA alpha.  [default: rank, i.e. scale 1 as diffusers]"),
-    use_dora: Optional[bool] = typer.Option(None, "--use-dora", help="DoRA: weight-decomposed LoRA."),
-    use_rslora: Optional[bool] = typer.Option(None, "--use-rslora", help="rsLoRA: scale alpha/sqrt(rank)."),
-    lora_targets: Optional[list[str]] = typer.Option(None, help="Module names LoRA wraps (repeatable).  [default: to_q to_k to_v to_out.0]"),
-    token: Optional[str] = typer.Option(None, "--token", "--placeholder-token", help="--train embedding: the new token.  [default: <genadapt>]"),
-    init_token: Optional[str] = typer.Option(None, "--init-token", "--initializer-token", help="Word to start the embedding from (else the mean)."),
-    vectors: Optional[int] = typer.Option(None, "--vectors", "--num-vectors", help="Embedding vectors per token.  [default: 1]"),
-    prior_prompt: Optional[str] = typer.Option(None, "--prior-prompt", "--class-prompt", help="Prompt for prior-preservation class images."),
-    num_class_images: Optional[int] = typer.Option(None, help="Class images the source generates for --loss prior.  [default: 50]"),
-    checkpointing_steps: Optional[int] = typer.Option(None, help="Checkpoint every N steps (atomic; rerun to resume).  [default: 100]"),
-    sample_every: Optional[int] = typer.Option(None, help="Write a sample grid every N steps (0: only at the end)."),
-    validation_prompt: Optional[str] = typer.Option(None, help="Prompt for sample grids.  [default: the training captions]"),
-    freeze_d: Optional[int] = typer.Option(None, "--freeze-d", help="GAN: FreezeD, the discriminator's first N blocks stay frozen."),
-    r1_gamma: Optional[float] = typer.Option(None, "--r1-gamma", help="GAN: R1 weight.  [default: the base's pretraining value, else 10]"),
-    augment: Optional[str] = typer.Option(None, help="none | diffaugment[:policy] | ada[:target].  [default: diffusion none, GAN diffaugment]"),
-    ewc_samples: Optional[int] = typer.Option(None, help="Generated samples for the EWC Fisher.  [default: diffusion 32, GAN 1024]"),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="GAN: read a rosinality .pt base (with torch.load weights_only=True)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML or TOML file with any of these settings; flags override it."),
-    out: Optional[Path] = typer.Option(None, "--out", "--output-dir", help="Run folder."),
-) -> None:
-    """Adapt a pretrained generator to your images with one parameter technique and any loss techniques."""
-    from genadapt.api import adapt as run_adapt
-    from genadapt.config import AdaptConfig, build_config, read_config_file
-
-    losses = list(loss or [])
-    if with_prior_preservation and not any(item.split(":")[0] == "prior" for item in losses):
-        losses.append("prior")
-    given = {
-        "base": base, "data": data, "caption": caption, "shots": shots, "train": train, "loss": losses or None,
-        "steps": steps, "learning_rate": learning_rate, "batch_size": batch_size,
-        "gradient_accumulation_steps": gradient_accumulation_steps, "mixed_precision": mixed_precision,
-        "gradient_checkpointing": gradient_checkpointing, "seed": seed, "trainable": trainable or None,
-        "freeze": freeze or None, "preset": preset, "train_text_encoder": train_text_encoder, "rank": rank,
-        "alpha": alpha, "use_dora": use_dora, "use_rslora": use_rslora, "lora_targets": lora_targets or None,
-        "token": token, "init_token": init_token, "vectors": vectors, "prior_prompt": prior_prompt,
-        "num_class_images": num_class_images, "checkpointing_steps": checkpointing_steps,
-        "sample_every": sample_every, "validation_prompt": validation_prompt, "out": out,
-        "freeze_d": freeze_d, "r1_gamma": r1_gamma, "augment": augment, "ewc_samples": ewc_samples,
-        "allow_pickle": allow_pickle or None,
-    }
-    settings = build_config(AdaptConfig, read_config_file(config) if config else {}, given)
-    typer.echo(run_adapt(settings))
-
-
-@app.command()
-@user_errors
-def distill(
-    teacher: str = typer.Option("pocket-sd", help="pocket-sd, a pipeline folder, an adapt run folder, or a GAN (pocket-stylegan2, StyleGAN2 folder) for --kind architecture."),
-    kind: str = typer.Option(..., help="progressive (fewer steps), consistency (LCM-LoRA, 1-4 steps), architecture (BK-SDM, smaller UNet)."),
-    data: Optional[str] = typer.Option(None, help="The shots: their captions are the prompts the student learns on."),
-    prompt: Optional[list[str]] = typer.Option(None, help="Prompts to distil on (repeatable)."),
-    steps: Optional[int] = typer.Option(None, help="Optimiser steps (per round for progressive).  [default: 500]"),
-    student_steps: Optional[int] = typer.Option(None, help="Target sampling steps.  [default: progressive 2, consistency 4, architecture 25]"),
-    num_samples: Optional[int] = typer.Option(None, help="Teacher samples to distil on.  [default: 64]"),
-    learning_rate: Optional[float] = typer.Option(None, "--learning-rate", "--lr", help="Default per kind."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "--train-batch-size", help="[default: 8]"),
-    teacher_steps: Optional[int] = typer.Option(None, help="progressive: the first round's teacher DDIM steps (divides 1000).  [default: 8]"),
-    rank: Optional[int] = typer.Option(None, help="consistency: LCM-LoRA rank.  [default: 8]"),
-    remove_blocks: Optional[list[str]] = typer.Option(None, help="architecture: layer, mid, innermost (repeatable).  [default: mid innermost]"),
-    student_width: Optional[float] = typer.Option(None, help="architecture with a GAN teacher: the student's channel multiplier.  [default: 0.5]"),
-    kid_images: Optional[int] = typer.Option(None, help="Report: samples per set for KID against the teacher's many-step samples; 0 skips it.  [default: 128]"),
-    features: Optional[str] = typer.Option(None, help="Report: KID feature space: pocket, an eval-encoder folder, or inception:PATH.  [default: pocket]"),
-    seed: Optional[int] = typer.Option(None, help="[default: 0]"),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML or TOML with any DistillConfig field; flags override it."),
-    out: Path = typer.Option(..., "--out", "--output-dir", help="Run folder; rerun to resume."),
-) -> None:
-    """Distil a teacher into a fewer-step or smaller student, on teacher samples for your prompts."""
-    from genadapt.config import build_config, read_config_file
-    from genadapt.recipes.distill import DistillConfig, distill as run_distill
-
-    given = {
-        "teacher": teacher, "kind": kind, "data": data, "prompts": prompt or None, "steps": steps,
-        "student_steps": student_steps, "num_samples": num_samples, "learning_rate": learning_rate,
-        "batch_size": batch_size, "teacher_steps": teacher_steps, "rank": rank, "remove_blocks": remove_blocks or None,
-        "seed": seed, "out": str(out), "student_width": student_width, "kid_images": kid_images, "features": features,
-    }
-    settings = build_config(DistillConfig, read_config_file(config) if config else {}, given)
-    typer.echo(run_distill(settings))
-
-
 def _parse_lora(value: str) -> tuple[str, float]:
     path, _, weight = value.rpartition(":") if ":" in value else (value, "", "1")
     try:
@@ -241,26 +144,54 @@ def _parse_lora(value: str) -> tuple[str, float]:
         raise UserError(f"--lora {value}: use RUN or RUN:WEIGHT, e.g. --lora runs/flags:0.8") from None
 
 
-@app.command()
+@typer_app.command(context_settings=HELP)
 @user_errors
 def sample(
-    model: str = typer.Argument("pocket-sd", help="A run folder, pocket-sd, or a pipeline folder."),
-    prompt: list[str] = typer.Option([""], help="Prompt (repeatable; cycled over the n images)."),
+    model: str = typer.Argument("pocket-sd", help="A run folder, a base (pocket-sd, pocket-stylegan2, a pipeline or StyleGAN2 folder)."),
+    prompt: list[str] = typer.Option([], help="Prompt (repeatable; cycled over the n images). Diffusion only."),
+    prompt_file: Optional[Path] = typer.Option(None, help="A text file with one prompt a line (added to --prompt)."),
+    negative_prompt: Optional[str] = typer.Option(None, help="What the images should not show (diffusion)."),
     n: int = typer.Option(16, "-n", "--num-images", help="How many images."),
-    steps: int = typer.Option(25, help="Sampler steps."),
-    guidance: float = typer.Option(4.0, "--guidance", "--guidance-scale", help="Classifier-free guidance scale."),
+    steps: int = typer.Option(25, help="Sampler steps (diffusion)."),
+    guidance: float = typer.Option(4.0, "--guidance", "--guidance-scale", help="Classifier-free guidance scale (diffusion)."),
+    truncation: float = typer.Option(1.0, help="GAN truncation ψ (1: none)."),
     seed: int = typer.Option(0, help="Seed; the same seed gives the same images."),
-    lora: list[str] = typer.Option([], help="Add a LoRA run with a weight, RUN:WEIGHT (repeatable, composable)."),
-    out: Path = typer.Option(Path("grid.png"), help="Grid PNG to write."),
+    lora: list[str] = typer.Option([], help="Add a LoRA run or file with a weight, RUN:WEIGHT (repeatable, composable)."),
+    out: Path = typer.Option(Path("grid.png"), help="Grid PNG to write, or a folder: one PNG per image plus grid.png."),
 ) -> None:
-    """Generate a grid of images from a base model or an adapted run."""
+    """Generate images from a base model or an adapted run."""
     from genadapt.api import sample as run_sample
 
-    run_sample(model, prompt, n=n, steps=steps, guidance=guidance, seed=seed, loras=[_parse_lora(v) for v in lora], out=out)
-    typer.echo(out)
+    if n < 1:
+        raise UserError(f"-n {n}: ask for at least one image")
+    if steps < 1:
+        raise UserError(f"--steps {steps}: the sampler needs at least one step")
+    prompts = list(prompt)
+    if prompt_file is not None:
+        try:
+            prompts += [line.strip() for line in prompt_file.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"--prompt-file {prompt_file}: cannot read it as UTF-8 text ({type(exc).__name__})") from None
+    folder = out if (out.is_dir() or not out.suffix) else None
+    grid = folder / "grid.png" if folder else out
+    images = run_sample(model, prompts, n=n, steps=steps, guidance=guidance, seed=seed, loras=[_parse_lora(v) for v in lora],
+                        out=grid, negative_prompt=negative_prompt, truncation=truncation)
+    if folder is not None:
+        from genadapt.grid import save_image
+
+        for index, image in enumerate(images):
+            text = prompts[index % len(prompts)] if prompts else ""
+            save_image(image, folder / f"{index:04d}{('-' + _slug(text)) if text else ''}.png")
+    typer.echo(grid)
 
 
-@app.command()
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:48]
+
+
+@typer_app.command()
 @user_errors
 def evaluate(
     samples: str = typer.Option(..., help="Folder of generated images, or a run folder (samples are generated, seeded)."),
@@ -277,7 +208,8 @@ def evaluate(
 ) -> None:
     """FID/KID with CIs, precision/recall, density/coverage; with --train, diversity and memorisation
     (and intra-cluster LPIPS with --lpips-backbone and --lpips-linear)."""
-    from genadapt.eval.evaluate import evaluate as run_evaluate, rows
+    from genadapt.api import evaluate as run_evaluate
+    from genadapt.eval.evaluate import rows
 
     if inception_weights is not None:
         features = f"inception:{inception_weights}"
@@ -294,47 +226,7 @@ def evaluate(
     typer.echo(out / "report.html")
 
 
-def _int_list(text: str, flag: str) -> list[int]:
-    try:
-        values = sorted({int(v) for v in text.split(",") if v.strip()})
-    except ValueError:
-        raise UserError(f"{flag} {text}: use comma-separated integers, e.g. {flag} 1,5,10") from None
-    if not values or values[0] < 1:
-        raise UserError(f"{flag} {text}: shot counts must be >= 1")
-    return values
-
-
-@app.command()
-@user_errors
-def compare(
-    base: str = typer.Option("pocket-sd", help="The pretrained model to adapt."),
-    data: str = typer.Option(..., help="Folder or builtin spec; shots are drawn from it deterministically."),
-    reference: Optional[str] = typer.Option(None, help="Held-out real images of the target.  [default: hold out 30% of --data, by seed]"),
-    shots: str = typer.Option("1,5,10", help="Comma-separated shot counts."),
-    techniques: str = typer.Option("lora,embedding,freeze,full,ewc", help="Comma-separated: full, freeze, lora, embedding, ewc, relational, prior, feature."),
-    budget_minutes: float = typer.Option(15.0, help="Wall-clock budget; steps per run are planned from a timing probe."),
-    samples: int = typer.Option(64, help="Generated images per run for evaluation."),
-    caption: Optional[str] = typer.Option(None, help="Prompt for images without a caption of their own."),
-    seed: int = typer.Option(0, help="Seed for shots, training and sampling."),
-    out: Path = typer.Option(Path("runs/compare"), help="Folder for runs, results.json and report.html; rerun to resume."),
-) -> None:
-    """Run every technique at every shot count, evaluate, and recommend one per data budget."""
-    from genadapt.recipes.compare import CompareSettings, compare as run_compare
-
-    settings = CompareSettings(
-        base=base, data=data, reference=reference, out=out, shots=_int_list(shots, "--shots"),
-        techniques=[t.strip() for t in techniques.split(",") if t.strip()], budget_minutes=budget_minutes,
-        samples=samples, seed=seed, caption=caption,
-    )
-    results = run_compare(settings)
-    from genadapt.eval.report import verdict_text
-
-    for line in verdict_text(results):
-        typer.echo(line)
-    typer.echo(out / "report.html")
-
-
-@app.command()
+@typer_app.command()
 @user_errors
 def demo(
     quick: bool = typer.Option(False, "--quick", help="About 3 minutes: two techniques per model, fewer samples."),
@@ -343,8 +235,9 @@ def demo(
 ) -> None:
     """The main job on built-in data: compare techniques on 10 shots of a held-out OpenMoji domain,
     with pocket-sd and pocket-stylegan2, and write one report."""
+    from genadapt.api import compare as run_compare
+    from genadapt.config import CompareConfig
     from genadapt.eval.report import verdict_text, write_demo_index
-    from genadapt.recipes.compare import CompareSettings, compare as run_compare
 
     if target not in ("flags", "dark-skin"):
         raise UserError(f"--target {target}: choose flags or dark-skin")
@@ -357,7 +250,7 @@ def demo(
     }
     results = {}
     for base, (techniques, steps) in plans.items():
-        settings = CompareSettings(
+        settings = CompareConfig(
             base=base,
             data=f"builtin:openmoji/{target}",
             reference=f"builtin:openmoji/{target}/reference",
@@ -376,5 +269,233 @@ def demo(
     typer.echo(f"report: {write_demo_index(results, folder)}")
 
 
+# ----------------------------------------------------------------------------- config-driven commands
+
+
+def _unwrap(annotation):
+    """(base type, is_list) of a field annotation: Optional[X] -> X, list[X] -> X."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _unwrap(args[0]) if len(args) == 1 else (str, False)
+    if origin is list:
+        return typing.get_args(annotation)[0], True
+    return annotation, False
+
+
+def _spellings(name: str, aliases: list[str]) -> list[str]:
+    """--rank-like hyphen spellings and their diffusers/kohya underscore twins."""
+    names = ["--" + name.replace("_", "-")] + list(aliases)
+    out = []
+    for item in names:
+        for spelling in (item, "--" + item[2:].replace("-", "_")):
+            if spelling not in out:
+                out.append(spelling)
+    return out
+
+
+def _field_options(models: list, skip: set[str], taken: set[str]) -> list[click.Option]:
+    from genadapt.config import field_aliases
+
+    options = []
+    for model in models:
+        for name, info in model.model_fields.items():
+            if name in skip or name in taken or info.exclude:
+                continue
+            taken.add(name)
+            kind, is_list = _unwrap(info.annotation)
+            decls = _spellings(name, field_aliases(model, name))
+            help_text = info.description or ""
+            if kind is bool:
+                options.append(click.Option(decls + [name], is_flag=True, default=None, help=help_text))
+            else:
+                metavar = "|".join(typing.get_args(kind)) if typing.get_origin(kind) is typing.Literal else {int: "INT", float: "FLOAT"}.get(kind, "TEXT")
+                options.append(click.Option(decls + [name], multiple=is_list, default=None, metavar=metavar,
+                                            help=help_text + ("  (repeatable)" if is_list else "")))
+    return options
+
+
+def _given(ctx: click.Context, values: dict) -> dict:
+    """Only what the user typed: a flag left out never overrides the --config file or a default."""
+    from click.core import ParameterSource
+
+    return {k: v for k, v in values.items() if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE and v != ()}
+
+
+def _config_values(ctx: click.Context, values: dict) -> dict:
+    from genadapt.config import read_config_file
+
+    config = values.pop("config", None)
+    given = _given(ctx, values)
+    merged = read_config_file(Path(config)) if config else {}
+    merged.update({k: list(v) if isinstance(v, tuple) else v for k, v in given.items()})
+    return merged
+
+
+def _adapt_command() -> click.Command:
+    from genadapt import techniques
+    from genadapt.config import AdaptConfig
+
+    registry = techniques.registry()
+    settings_models = [impl.settings for t in registry.values() for impl in t.families.values()]
+    options = _field_options([AdaptConfig, *settings_models], {"technique_values"}, set())
+    parameters, losses = techniques.names("parameter"), techniques.names("loss")
+    for option in options:
+        if option.name == "train":
+            option.help = f"What trains: {', '.join(parameters)}.  [default: diffusion lora, GAN freeze]"
+        if option.name == "loss":
+            option.help = f"Loss technique NAME[:WEIGHT] (repeatable): {', '.join(losses)}."
+    options += [
+        click.Option(["--with-prior-preservation", "--with_prior_preservation", "with_prior_preservation"], is_flag=True, default=None,
+                     help="Same as --loss prior (DreamBooth)."),
+        click.Option(["--num-processes", "--num_processes", "num_processes"], type=int, default=None,
+                     help="Run data-parallel on N local processes (torchrun; gloo on CPUs, NCCL on GPUs)."),
+        click.Option(["--config", "config"], default=None, help="YAML or TOML file with any of these settings; flags override it."),
+    ]
+
+    @user_errors
+    def run(**values):
+        from genadapt.api import adapt
+        from genadapt.config import build_config
+
+        ctx = click.get_current_context()
+        processes = values.pop("num_processes", None)
+        if processes is not None and processes > 1 and "LOCAL_RANK" not in os.environ:
+            return _relaunch(processes)
+        prior = values.pop("with_prior_preservation", None)
+        merged = _config_values(ctx, values)
+        if prior and not any(str(item).split(":")[0] == "prior" for item in merged.get("loss", [])):
+            merged["loss"] = list(merged.get("loss", [])) + ["prior"]
+        typer.echo(adapt(build_config(AdaptConfig, merged, {})))
+
+    return click.Command("adapt", callback=run, params=options, context_settings=HELP,
+                         help="Adapt a pretrained generator to your images with one parameter technique and any loss techniques.")
+
+
+def _relaunch(processes: int) -> None:
+    """`genadapt adapt ... --num-processes N`: the same command under torchrun, N processes, one run."""
+    import socket
+    import subprocess
+
+    argv = list(sys.argv[1:])
+    for flag in ("--num-processes", "--num_processes"):
+        while flag in argv:
+            i = argv.index(flag)
+            del argv[i:i + 2]
+        argv = [a for a in argv if not a.startswith(flag + "=")]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-addr", "127.0.0.1",
+               "--master-port", str(port), "-m", "genadapt", *argv]
+    code = subprocess.call(command, env=env)
+    if code:
+        raise typer.Exit(code)
+
+
+def _simple_command(name: str, model_name: str, run_name: str, help_text: str, extra_help: dict | None = None) -> click.Command:
+    from genadapt import config as config_module
+
+    model = getattr(config_module, model_name)
+    options = _field_options([model], set(), set())
+    for option in options:
+        if extra_help and option.name in extra_help:
+            option.help = extra_help[option.name]()
+    options.append(click.Option(["--config", "config"], default=None, help="YAML or TOML file with any of these settings; flags override it."))
+
+    @user_errors
+    def run(**values):
+        from genadapt import api
+        from genadapt.config import build_config
+
+        settings = build_config(model, _config_values(click.get_current_context(), values), {})
+        result = getattr(api, run_name)(settings)
+        if name == "compare":
+            from genadapt.eval.report import verdict_text
+
+            for line in verdict_text(result):
+                typer.echo(line)
+            typer.echo(Path(settings.out) / "report.html")
+        else:
+            typer.echo(result)
+
+    return click.Command(name, callback=run, params=options, context_settings=HELP, help=help_text)
+
+
+def _compare_help() -> str:
+    from genadapt import techniques
+
+    return (f"Techniques, comma-separated: diffusion {', '.join(techniques.compare_presets('diffusion'))}; "
+            f"GAN {', '.join(techniques.compare_presets('gan'))}.  [default: all of the family's]")
+
+
+GENERATED = {
+    "adapt": "Adapt a pretrained generator to your images with one parameter technique and any loss techniques.",
+    "compare": "Run every technique at every shot count, evaluate, and recommend one per data budget.",
+    "distill": "Distil a teacher into a fewer-step or smaller student, on teacher samples for your prompts.",
+}
+
+
+def _generated(name: str) -> click.Command:
+    if name == "adapt":
+        return _adapt_command()
+    if name == "compare":
+        return _simple_command("compare", "CompareConfig", "compare", GENERATED[name], {"techniques": _compare_help})
+    return _simple_command("distill", "DistillConfig", "distill", GENERATED[name])
+
+
+class GenadaptCLI(click.Group):
+    """The typer commands plus the config-driven ones, built when asked for (so registered techniques show).
+    Every usage error is one line: `error: ...`, exit code 2."""
+
+    def _typer_group(self) -> click.Group:
+        return typer.main.get_group(typer_app)
+
+    def list_commands(self, ctx):
+        return sorted([*self._typer_group().commands, *GENERATED])
+
+    def get_command(self, ctx, name):
+        return _generated(name) if name in GENERATED else self._typer_group().commands.get(name)
+
+    def format_commands(self, ctx, formatter):
+        # The generated commands' one-line help without building them (that would import torch).
+        group = self._typer_group()
+        rows = [(name, GENERATED.get(name) or group.commands[name].get_short_help_str(80)) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, text.split(". ")[0].rstrip(".")) for name, text in rows])
+
+    def main(self, args=None, prog_name=None, **kwargs):
+        kwargs.pop("standalone_mode", None)
+        try:
+            code = super().main(args=args, prog_name=prog_name or "genadapt", standalone_mode=False, **kwargs)
+        except (click.exceptions.Exit, typer.Exit) as exc:
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except click.UsageError as exc:
+            command = exc.ctx.command_path if exc.ctx else "genadapt"
+            click.echo(f"error: {exc.format_message()} (see {command} --help)", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _print_version(ctx, param, value):
+    if value:
+        click.echo(f"genadapt {__version__}")
+        ctx.exit()
+
+
+app = GenadaptCLI(
+    name="genadapt", no_args_is_help=True, context_settings=HELP,
+    help="Adapt pretrained generators to 1-1000 images, and learn which technique fits your data budget.",
+    params=[click.Option(["--version"], is_flag=True, expose_value=False, is_eager=True, callback=_print_version, help="Print the version and exit.")],
+)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
+    app()

@@ -1,34 +1,68 @@
-"""Run configs: one pydantic model, filled from a YAML/TOML file and CLI flags, validated at the edge.
+"""Run configs: pydantic models filled from a YAML/TOML file and CLI flags, validated at the edge.
 
-The resolved config is written to every run folder as `config.yaml`; rerunning with
-`--config RUN/config.yaml` reproduces the run.
+The config is the truth. A field is read by the code the run uses, or refused:
+
+* the settings every run reads are fields of :class:`AdaptConfig`; a field that only one family reads
+  says so (`families`) and is refused on the other family;
+* a technique's own settings live in its registered settings model (`genadapt.techniques`); such a flag
+  is refused unless that technique is in the run ("--use-dora applies to --train lora on diffusion bases").
+
+The resolved config, only what the run used, is written to every run folder as `config.yaml`;
+rerunning with `--config RUN/config.yaml` reproduces the run.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from genadapt.errors import UserError
 
-PARAMETER_TECHNIQUES = ("full", "freeze", "lora", "embedding")
-LOSS_TECHNIQUES = ("prior", "ewc", "relational", "feature", "cdc", "perceptual", "l2sp")
-# Learning rates users of diffusers/kohya start from for each technique (diffusion_anchors.md §1).
-DEFAULT_LR = {"full": 1e-5, "freeze": 1e-5, "lora": 1e-4, "embedding": 5e-3}
-GAN_LR = 0.002  # StyleGAN2 / CDC / FreezeD Adam lr for every GAN technique (gan_anchors.md §7)
-# Settings left unset take the family's default (filled in by AdaptConfig, so config.yaml shows them).
-FAMILY_DEFAULTS = {
-    "diffusion": {"train": "lora", "steps": 200, "augment": "none", "ewc_samples": 32, "num_validation_images": 8,
-                  "lora_targets": ["to_q", "to_k", "to_v", "to_out.0"]},
-    # GAN: FreezeD (Mo et al. 2020) as the default technique; 1k steps (CDC README: close domains best at ~1k
-    # iterations); DiffAugment color,translation,cutout (Zhao et al. 2020, recommended for <= hundreds of
-    # images); 1,024 generated images for EWC's Fisher (Li et al. 2020 use a few thousand); LoRA on every layer.
-    "gan": {"train": "freeze", "steps": 1000, "augment": "diffaugment", "ewc_samples": 1024, "num_validation_images": 32,
-            "lora_targets": ["*"]},
-}
-GAN_ONLY = ("freeze_d", "r1_gamma")
+
+def setting(default: Any = None, help: str = "", families: tuple[str, ...] | None = None, aliases: tuple[str, ...] = (),
+            kinds: tuple[str, ...] | None = None, **constraints):
+    """A config field: its help text, the families (and distill kinds) that read it (None: all), extra flag spellings."""
+    extra = {"families": list(families) if families else None, "aliases": list(aliases), "kinds": list(kinds) if kinds else None}
+    if default in (list, dict) or (callable(default) and not isinstance(default, type)):
+        return Field(default_factory=default, description=help, json_schema_extra=extra, **constraints)
+    return Field(default, description=help, json_schema_extra=extra, **constraints)
+
+
+def field_families(model: type[BaseModel], name: str) -> list[str] | None:
+    extra = model.model_fields[name].json_schema_extra or {}
+    return extra.get("families")
+
+
+def field_kinds(model: type[BaseModel], name: str) -> list[str] | None:
+    extra = model.model_fields[name].json_schema_extra or {}
+    return extra.get("kinds")
+
+
+def refuse_unread(config: BaseModel, family: str, kind: str | None = None) -> None:
+    """A field given with a value other than its default, on a family (or distill kind) that does not read it."""
+    model = type(config)
+    for name in config.model_fields_set:
+        if name not in model.model_fields:
+            continue
+        default = model.model_fields[name].get_default(call_default_factory=True)
+        if getattr(config, name) in (None, default):
+            continue
+        families, kinds = field_families(model, name), field_kinds(model, name)
+        if families and family not in families:
+            raise UserError(f"{flag(name)} applies to {' and '.join(families)} {'teachers' if kind else 'bases'}; this one is a {family} model")
+        if kind and kinds and kind not in kinds:
+            raise UserError(f"{flag(name)} applies to --kind {' and '.join(kinds)}; this run is --kind {kind}")
+
+
+def field_aliases(model: type[BaseModel], name: str) -> list[str]:
+    extra = model.model_fields[name].json_schema_extra or {}
+    return list(extra.get("aliases") or [])
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 class LossSpec(BaseModel):
@@ -45,62 +79,58 @@ class LossSpec(BaseModel):
             raise UserError(f"--loss {text}: weight must be a number, e.g. --loss ewc:5000") from None
 
 
+DIFFUSION, GAN = ("diffusion",), ("gan",)
+
+
 class AdaptConfig(BaseModel):
-    """Everything one `genadapt adapt` run needs; every field is a CLI flag of the same name."""
+    """Everything one `genadapt adapt` run reads. Technique settings (`rank`, `use_dora`, `freeze_d`, ...) are
+    passed flat beside these fields and validated by the techniques the run uses."""
 
     model_config = ConfigDict(extra="forbid")
 
-    base: str = "pocket-sd"
-    data: str
-    caption: str | None = None
-    shots: int | None = None
-    seed: int = 0
-    train: Literal["full", "freeze", "lora", "embedding"] | None = None
-    loss: list[LossSpec] = Field(default_factory=list)
-    steps: int | None = Field(None, ge=1)
-    learning_rate: float | None = Field(None, gt=0)
-    batch_size: int = Field(4, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    max_grad_norm: float = 1.0
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    gradient_checkpointing: bool = False
-    augment: str | None = None
-    fit: Literal["crop", "pad"] = "crop"
-    background: str = "white"
-    strict: bool = False
-    # full / freeze
-    train_text_encoder: bool = False
-    trainable: list[str] = Field(default_factory=list)
-    freeze: list[str] = Field(default_factory=list)
-    preset: str | None = None
-    # lora
-    rank: int = Field(4, ge=1)
-    alpha: float | None = None
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
-    use_dora: bool = False
-    use_rslora: bool = False
-    lora_targets: list[str] | None = None
-    lora_text_encoder: bool = False
-    # embedding (textual inversion)
-    token: str = "<genadapt>"
-    init_token: str | None = None
-    vectors: int = Field(1, ge=1)
-    # loss techniques
-    prior_prompt: str | None = None
-    num_class_images: int = Field(50, ge=1)
-    ewc_samples: int | None = Field(None, ge=1)
-    # GAN bases only
-    freeze_d: int | None = Field(None, ge=0)  # FreezeD: D's first N blocks frozen (None: FreezeD's default with --train freeze, else 0)
-    r1_gamma: float | None = Field(None, ge=0)  # None: the base's pretraining γ if recorded, else 10 (StyleGAN2 256 px / CDC)
-    allow_pickle: bool = False  # read a rosinality .pt base (torch.load weights_only=True)
+    base: str = setting("pocket-sd", "pocket-sd, pocket-stylegan2, a diffusers SD/SDXL pipeline folder, a StyleGAN2 model folder or rosinality .pt, or a hub id.", aliases=("--pretrained-model-name-or-path",))
+    data: str = setting(..., "Folder of images, or builtin:... spec.", aliases=("--instance-data-dir", "--train-data-dir"))
+    out: Path = setting(..., "Run folder; rerun the same command to resume.", aliases=("--output-dir",))
+    caption: str | None = setting(None, "Prompt for images without a caption of their own.", DIFFUSION, aliases=("--instance-prompt",))
+    shots: int | None = setting(None, "Use a deterministic k-shot subset of the data.", ge=1)
+    seed: int = setting(0, "Seed for shots, initialisation, noise and batches.", ge=0, lt=2**63)
+    train: str | None = setting(None, "The parameter technique (what trains); --help lists them.  [default: the family's]")
+    loss: list[LossSpec] = setting(list, "Loss technique NAME[:WEIGHT] (repeatable); --help lists them.")
+    steps: int | None = setting(None, "Optimisation steps.  [default: the family's]", ge=1, aliases=("--max-train-steps",))
+    learning_rate: float | None = setting(None, "[default: the technique's for this family]", gt=0, aliases=("--lr",))
+    batch_size: int = setting(4, "Images per step and process.", ge=1, aliases=("--train-batch-size",))
+    gradient_accumulation_steps: int = setting(1, "Accumulate gradients over this many batches before each optimiser step.", ge=1)
+    max_grad_norm: float | None = setting(None, "Clip the gradient norm (0: off).  [default: diffusion 1, GAN 0 as StyleGAN2]", ge=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = setting("no", "Autocast precision (fp16 needs a GPU; bf16 also runs on CPUs).")
+    gradient_checkpointing: bool = setting(False, "Recompute UNet activations in the backward pass (less memory).", DIFFUSION)
+    augment: str | None = setting(None, "Diffusion: none | flip | diffaugment[:policy] (pixel space, before encoding). GAN: none | diffaugment[:policy] | ada[:target].  [default: diffusion none, GAN diffaugment]")
+    fit: Literal["crop", "pad"] = setting("crop", "Make images square by center-cropping or padding.")
+    background: str = setting("white", "Colour transparent images are composited on.")
+    strict: bool = setting(False, "Stop on any unusable image instead of skipping it.")
+    cpu: bool = setting(False, "Train on the CPU even when a GPU is present.")
     # bookkeeping
-    checkpointing_steps: int = Field(100, ge=1)
-    sample_every: int = Field(0, ge=0)
-    validation_prompt: str | None = None
-    num_validation_images: int | None = Field(None, ge=1)
-    sample_steps: int = Field(25, ge=1)
-    guidance_scale: float = 4.0
-    out: Path
+    checkpointing_steps: int = setting(100, "Checkpoint every N steps (atomic; rerun to resume).", ge=1)
+    sample_every: int = setting(0, "Write a sample grid every N steps (0: only at the end).", ge=0)
+    num_validation_images: int | None = setting(None, "Images in each sample grid.  [default: diffusion 8, GAN 32]", ge=1)
+    validation_prompt: str | None = setting(None, "Prompt for sample grids.  [default: the training captions]", DIFFUSION)
+    sample_steps: int = setting(25, "Sampler steps for grids and generated class/Fisher images.", DIFFUSION, ge=1)
+    guidance_scale: float = setting(4.0, "Classifier-free guidance for grids and generated images.", DIFFUSION, ge=0)
+    # GAN bases only
+    r1_gamma: float | None = setting(None, "R1 weight.  [default: the base's pretraining value, else 10]", GAN, ge=0)
+    allow_pickle: bool = setting(False, "Read a rosinality .pt base (torch.load weights_only=True).", GAN)
+    # what the techniques read: {field: value} as given, validated into `sections`
+    technique_values: dict[str, Any] = Field(default_factory=dict, exclude=True, repr=False)
+    _sections: dict[str, BaseModel] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_technique_values(cls, values):
+        if not isinstance(values, dict):
+            return values
+        own = {k: v for k, v in values.items() if k in cls.model_fields}
+        rest = {k: v for k, v in values.items() if k not in cls.model_fields}
+        own["technique_values"] = {**dict(own.get("technique_values") or {}), **{k: v for k, v in rest.items() if v is not None}}
+        return own
 
     @field_validator("loss", mode="before")
     @classmethod
@@ -108,49 +138,125 @@ class AdaptConfig(BaseModel):
         items = [value] if isinstance(value, str) else list(value or [])
         return [LossSpec.parse(item) if isinstance(item, str) else item for item in items]
 
-    @field_validator("loss")
-    @classmethod
-    def _known_losses(cls, value):
-        for spec in value:
-            if spec.name not in LOSS_TECHNIQUES:
-                raise ValueError(f"unknown loss {spec.name!r}; choose from {', '.join(LOSS_TECHNIQUES)}")
-        return value
-
     @property
     def family(self) -> str:
-        from genadapt.families.gan import is_gan_base
+        from genadapt.families import family_of
 
-        return "gan" if is_gan_base(self.base) else "diffusion"
+        return family_of(self.base)
 
     @model_validator(mode="after")
-    def _family_defaults(self):
+    def _resolve(self):
+        from genadapt import techniques
+        from genadapt.families import family_module
+
         family = self.family
-        if family == "diffusion":
-            given = [name for name in GAN_ONLY if getattr(self, name) is not None] + (["allow_pickle"] if self.allow_pickle else [])
-            if given:
-                raise ValueError(f"--{given[0].replace('_', '-')} applies to GAN bases only (pocket-stylegan2, a StyleGAN2 folder or .pt)")
-        for name, value in FAMILY_DEFAULTS[family].items():
+        for name in type(self).model_fields:
+            families = field_families(type(self), name)
+            default = type(self).model_fields[name].get_default(call_default_factory=True)
+            if families and family not in families and getattr(self, name) not in (None, default):
+                raise UserError(f"{flag(name)} applies to {' and '.join(families)} bases; this base ({self.base}) is a {family} model")
+        for name, value in family_module(family).DEFAULTS.items():
             if getattr(self, name) is None:
                 setattr(self, name, list(value) if isinstance(value, list) else value)
+        check_augment(family, self.augment)
+
+        parameter = techniques.get(self.train, "parameter", family)
+        if self.learning_rate is None:
+            self.learning_rate = parameter.learning_rate
+        active = [(self.train, parameter)]
+        seen = set()
+        for spec in self.loss:
+            implementation = techniques.get(spec.name, "loss", family)
+            if spec.name in seen:
+                raise UserError(f"--loss {spec.name} is given twice; give it once, with its weight (--loss {spec.name}:W)")
+            seen.add(spec.name)
+            if spec.weight is None:
+                spec.weight = implementation.default_weight
+            elif not spec.weight >= 0 or spec.weight == float("inf"):
+                raise UserError(f"--loss {spec.name}:{spec.weight}: a loss weight must be a finite number >= 0")
+            active.append((spec.name, implementation))
+
+        pending = dict(self.technique_values)
+        sections = {}
+        for name, implementation in active:
+            model = implementation.settings
+            values = {key: pending[key] for key in model.model_fields if key in pending}
+            try:
+                sections[name] = model(**values)
+            except ValidationError as exc:
+                raise UserError(_first_error(exc)) from None
+        used = {key for section in sections.values() for key in type(section).model_fields}
+        for key in pending:
+            if key not in used:
+                raise UserError(_not_read(key, family, self.train))
+        self._sections = sections
+        self.technique_values = {}
         return self
+
+    def section(self, technique: str) -> BaseModel:
+        """The validated settings of `technique` (the parameter technique or one of the losses)."""
+        return self._sections[technique]
+
+    def resolved(self) -> dict:
+        """What the run used, flat, in the form `--config` reads back: `config.yaml`."""
+        family = self.family
+        data = self.model_dump(mode="json", exclude={"technique_values"})
+        out = {k: v for k, v in data.items() if family in (field_families(type(self), k) or [family])}
+        for section in self._sections.values():
+            out.update(section.model_dump(mode="json"))
+        return out
 
     @property
     def lr(self) -> float:
-        if self.learning_rate is not None:
-            return self.learning_rate
-        return GAN_LR if self.family == "gan" else DEFAULT_LR[self.train]
+        return self.learning_rate
 
-    @property
-    def lora_alpha(self) -> float:
-        # diffusers' convention alpha == rank (scale 1); kohya's default alpha=1 would silently scale by 1/rank.
-        return self.alpha if self.alpha is not None else float(self.rank)
+
+def check_augment(family: str, spec: str) -> None:
+    """--augment values the family's loop applies; anything else is refused here, before training."""
+    from genadapt.data.augment import AugmentSpecError, make_augment
+
+    kind = spec.strip().lower().partition(":")[0]
+    if family == "diffusion":
+        if kind not in ("none", "flip", "diffaugment"):
+            raise UserError(f"--augment {spec}: diffusion runs take none, flip or diffaugment[:policy] (applied to the images before encoding)")
+        if kind != "diffaugment":
+            return
+    try:
+        make_augment(spec)
+    except AugmentSpecError as exc:
+        raise UserError(f"--augment {spec}: {str(exc).splitlines()[0]}") from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    field = ".".join(str(part) for part in error["loc"]) or "config"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{flag(field)}: {message}"
+
+
+def _not_read(key: str, family: str, train: str) -> str:
+    from genadapt import techniques
+
+    readers = techniques.readers(key)
+    if not readers:
+        return f"{flag(key)}: not a setting of genadapt adapt; see genadapt adapt --help"
+    here = [(name, kind) for name, kind, f in readers if f == family]
+    where = here or [(name, kind) for name, kind, _ in readers]
+    users = ", ".join(dict.fromkeys(f"{'--train' if kind == 'parameter' else '--loss'} {name}" for name, kind in where))
+    families = sorted({f for _, _, f in readers if (here and f == family) or not here})
+    return f"{flag(key)} applies to {users} on {' and '.join(families)} bases (this run: --train {train} on a {family} base)"
 
 
 def read_config_file(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--config {path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"--config {path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise UserError(f"--config {path}: cannot read it ({exc.strerror}); check its permissions") from None
     try:
         if path.suffix.lower() == ".toml":
             import tomllib
@@ -172,7 +278,175 @@ def build_config(model: type[BaseModel], file_values: dict, cli_values: dict):
     try:
         return model(**values)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        field = ".".join(str(part) for part in error["loc"]) or "config"
-        flag = "--" + field.replace("_", "-")
-        raise UserError(f"{flag}: {error['msg']}") from None
+        raise UserError(_first_error(exc)) from None
+
+
+# ----------------------------------------------------------------------------- distill
+
+DISTILL_KINDS = ("progressive", "consistency", "architecture")
+# diffusers' train_lcm_distill_lora_sd_wds.py: LoRA on every attention, feed-forward and conv layer.
+LCM_LORA_TARGETS = [
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
+]  # fmt: skip
+# The papers' learning rates: PD CIFAR-10 config (Adam 5e-5), LCM-LoRA script (AdamW 1e-4), BK-SDM (AdamW 5e-5);
+# a StyleGAN2 student: StyleGAN2's generator rate (equalized learning rate makes it scale-free).
+DISTILL_LR = {"progressive": 5e-5, "consistency": 1e-4, "architecture": 5e-5, "gan": 2e-3}
+# Student sampling steps: PD/LCM's few-step targets; a BK student samples like its teacher.
+DEFAULT_STUDENT_STEPS = {"progressive": 2, "consistency": 4, "architecture": 25}
+PROGRESSIVE, CONSISTENCY, ARCHITECTURE = ("progressive",), ("consistency",), ("architecture",)
+
+
+class DistillConfig(BaseModel):
+    """Everything one `genadapt distill` run reads; every field is a flag of the same name. A field that only
+    one kind or family reads is refused on the others."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    teacher: str = setting("pocket-sd", "pocket-sd, a pipeline folder, an adapt run folder, or a GAN (pocket-stylegan2, a StyleGAN2 folder) for --kind architecture.")
+    kind: Literal["progressive", "consistency", "architecture"] = setting(..., "progressive (fewer steps), consistency (LCM-LoRA, 1-4 steps), architecture (BK-SDM; GAN Compression for GANs).")
+    out: str = setting(..., "Run folder; rerun to resume.", aliases=("--output-dir",))
+    data: str | None = setting(None, "The shots: their captions are the prompts the student learns on.", DIFFUSION)
+    prompts: list[str] = setting(list, "Prompts to distil on (repeatable).", DIFFUSION, aliases=("--prompt",))
+    num_samples: int = setting(64, "Teacher samples to distil on (prompts cycled).", DIFFUSION, ge=1)
+    teacher_sample_steps: int = setting(50, "Teacher DDIM steps for those samples.", DIFFUSION, ge=1)
+    guidance: float = setting(4.0, "Teacher classifier-free guidance, diffusers convention (1 = none).", DIFFUSION, ge=1.0)
+    steps: int = setting(500, "Optimiser steps (per round for progressive).", ge=1)
+    learning_rate: float | None = setting(None, "[default: progressive 5e-5, consistency 1e-4, architecture 5e-5, GAN 2e-3]", gt=0, allow_inf_nan=False, aliases=("--lr",))
+    batch_size: int = setting(8, "Samples per step.", ge=1, aliases=("--train-batch-size",))
+    max_grad_norm: float = setting(1.0, "Clip the gradient norm (0: off).", ge=0)
+    seed: int = setting(0, "Seed.", ge=0, lt=2**63)
+    student_steps: int | None = setting(None, "Target sampling steps.  [default: progressive 2, consistency 4, architecture 25]", DIFFUSION, ge=1)
+    # progressive
+    teacher_steps: int = setting(8, "The first round's teacher DDIM steps (divides 1000).", DIFFUSION, kinds=PROGRESSIVE, ge=2)
+    prediction_type: Literal["epsilon", "v_prediction"] | None = setting(None, "The student's parametrisation.  [default: the teacher's]", DIFFUSION, kinds=PROGRESSIVE)
+    # consistency
+    num_ddim_timesteps: int = setting(50, "K: the skipping-step grid (step T / K).", DIFFUSION, kinds=CONSISTENCY, ge=1)
+    timestep_scaling: float = setting(10.0, "LCM's boundary-condition timestep scaling.", DIFFUSION, kinds=CONSISTENCY, gt=0)
+    loss_type: Literal["huber", "l2"] = setting("huber", "Consistency loss.", DIFFUSION, kinds=CONSISTENCY)
+    huber_c: float = setting(0.001, "Pseudo-Huber c.", DIFFUSION, kinds=CONSISTENCY, gt=0)
+    guidance_max: float | None = setting(None, "Draw g ~ U[guidance, guidance_max] per sample, as the LCM-LoRA script.", DIFFUSION, kinds=CONSISTENCY)
+    rank: int = setting(8, "LCM-LoRA rank.", DIFFUSION, kinds=CONSISTENCY, ge=1)
+    alpha: float | None = setting(None, "LCM-LoRA alpha.  [default: rank, scale 1, as the LCM-LoRA script]", DIFFUSION, kinds=CONSISTENCY, gt=0)
+    lora_targets: list[str] = setting(lambda: list(LCM_LORA_TARGETS), "Modules LCM-LoRA wraps (repeatable).", DIFFUSION, kinds=CONSISTENCY)
+    lr_warmup_steps: int = setting(0, "Linear learning-rate warmup steps.", DIFFUSION, kinds=CONSISTENCY, ge=0)
+    # architecture
+    remove_blocks: list[Literal["layer", "mid", "innermost"]] = setting(lambda: ["mid", "innermost"], "BK-SDM blocks to remove: layer, mid, innermost (repeatable).", DIFFUSION, kinds=ARCHITECTURE)
+    lambda_task: float = setting(1.0, "BK-SDM task-loss weight.", DIFFUSION, kinds=ARCHITECTURE, ge=0)
+    lambda_out: float = setting(1.0, "Output-distillation weight.", kinds=ARCHITECTURE, ge=0)
+    lambda_feat: float = setting(1.0, "Feature-distillation weight.", kinds=ARCHITECTURE, ge=0)
+    student_width: float = setting(0.5, "GAN teacher: the student's channel multiplier per resolution.", GAN, kinds=ARCHITECTURE, gt=0, le=1)
+    # report and bookkeeping
+    eval_images: int = setting(8, "Report: images compared with the teacher for the same noise.", ge=1)
+    reference_steps: int = setting(50, "Report: the teacher's many-step reference.", DIFFUSION, ge=1)
+    kid_images: int = setting(128, "Report: samples per set for KID against the teacher's many-step samples; 0 skips it.", DIFFUSION, ge=0)
+    features: str = setting("pocket", "Report: KID feature space: pocket, an eval-encoder folder, or inception:PATH.", DIFFUSION)
+    checkpointing_steps: int = setting(100, "Checkpoint every N steps.", ge=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = setting("no", "Autocast precision (fp16 needs a GPU).", DIFFUSION)
+
+    @field_validator("prompts", "lora_targets", "remove_blocks", mode="before")
+    @classmethod
+    def _comma_lists(cls, value):
+        return comma_list(value)
+
+    @model_validator(mode="after")
+    def _refuse_unread(self):
+        family = self.family
+        if family == "gan" and self.kind != "architecture":
+            raise UserError(f"--kind {self.kind}: a GAN teacher ({self.teacher}) has no sampling steps to cut; only --kind architecture applies to GANs")
+        refuse_unread(self, family, self.kind)
+        return self
+
+    @property
+    def family(self) -> str:
+        from genadapt.families import family_of
+
+        return family_of(self.teacher_base())
+
+    def teacher_base(self) -> str:
+        """The teacher's base: itself, or the base an adapt run folder recorded."""
+        path = Path(self.teacher)
+        if (path / "run.json").is_file() or ((path / "config.yaml").is_file() and not (path / "model_index.json").is_file()):
+            from genadapt.models import run_record
+
+            return run_record(path).get("base") or self.teacher
+        return self.teacher
+
+    @property
+    def n_steps(self) -> int:
+        return self.student_steps or DEFAULT_STUDENT_STEPS[self.kind]
+
+    @property
+    def lr(self) -> float:
+        return self.learning_rate or DISTILL_LR["gan" if self.family == "gan" else self.kind]
+
+
+def comma_list(value):
+    """`--shots 1,5,10` and `--shots 1 --shots 5`: both the same list."""
+    if value is None:
+        return value
+    items = [value] if isinstance(value, (str, int, float)) else list(value)
+    out = []
+    for item in items:
+        out += [part.strip() for part in item.split(",") if part.strip()] if isinstance(item, str) else [item]
+    return out
+
+
+# ----------------------------------------------------------------------------- compare
+
+
+class CompareConfig(BaseModel):
+    """Everything one `genadapt compare` reads; every field is a flag of the same name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base: str = setting("pocket-sd", "The pretrained model to adapt.")
+    data: str = setting(..., "Folder or builtin spec; shots are drawn from it deterministically.")
+    reference: str | None = setting(None, "Held-out real images of the target.  [default: hold out --reference-share of --data, by seed]")
+    out: Path = setting(Path("runs/compare"), "Folder for runs, results.json and report.html; rerun to resume.")
+    shots: list[int] = setting(lambda: [1, 5, 10], "Shot counts, comma-separated or repeated.")
+    techniques: list[str] | None = setting(None, "Techniques, comma-separated or repeated; --help lists them.  [default: the family's compare set]")
+    budget_minutes: float = setting(15.0, "Wall-clock budget; steps per run are planned from a timing probe.", gt=0, allow_inf_nan=False)
+    steps: int | None = setting(None, "Train every run this many steps (no timing probe: the same plan on every machine).", ge=1)
+    min_steps: int = setting(20, "Drop runs rather than train any below this many steps.", ge=1)
+    max_steps: int | None = setting(None, "Cap on planned steps.  [default: diffusion 400, GAN 1000]", ge=1)
+    batch_size: int = setting(4, "Images per step.", ge=1)
+    samples: int = setting(64, "Generated images per run for evaluation.", ge=2)
+    seed: int = setting(0, "Seed for shots, training and sampling.", ge=0, lt=2**63)
+    caption: str | None = setting(None, "Prompt for images without a caption of their own.", DIFFUSION)
+    probe_steps: int = setting(2, "Steps of the timing probe per technique.", ge=1)
+    sample_steps: int = setting(25, "Sampler steps for evaluation samples.", DIFFUSION, ge=1)
+    reference_share: float = setting(0.3, "Without --reference: the share of --data held out as the reference.", gt=0, lt=1)
+
+    @field_validator("shots", "techniques", mode="before")
+    @classmethod
+    def _comma_lists(cls, value):
+        return comma_list(value)
+
+    @field_validator("shots")
+    @classmethod
+    def _positive(cls, value):
+        if not value or min(value) < 1:
+            raise ValueError("shot counts must be >= 1, e.g. --shots 1,5,10")
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _resolve(self):
+        from genadapt import techniques
+        from genadapt.families import family_of
+
+        family = family_of(self.base)
+        refuse_unread(self, family)
+        presets = techniques.compare_presets(family)
+        if self.techniques is None:
+            self.techniques = list(presets)
+        for name in self.techniques:
+            if name not in presets:
+                raise UserError(f"--techniques {name}: not a compare technique for {family} bases; choose from {', '.join(presets)}")
+        return self
+
+    @property
+    def family(self) -> str:
+        from genadapt.families import family_of
+
+        return family_of(self.base)

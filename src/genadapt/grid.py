@@ -38,3 +38,13 @@ def save_grid(images, path: Path, columns: int | None = None, scale: int = 1) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(make_grid(images, columns, scale=scale)).save(path)
     return path
+
+
+def save_image(image, path: Path) -> Path:
+    """One CHW float image in [-1, 1] as a PNG."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(to_uint8(image[None])[0]).save(path)
+    return path

@@ -136,11 +136,11 @@ def write_manifest(out: Path, seed: int, datasets: dict, extra: dict | None = No
     )
 
 
-def progress(total: int, initial: int, desc: str):
+def progress(total: int, initial: int, desc: str, disable: bool = False):
     """A tqdm bar with ETA, resumed at `initial`."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, smoothing=0.05)
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, smoothing=0.05, disable=disable)
 
 
 def append_jsonl(path: Path, record: dict) -> None:

@@ -96,3 +96,13 @@ def select_shots(count: int, shots: int, seed: int) -> list[int]:
         raise DataError(f"asked for {shots} shots but only {count} usable images are available; lower shots")
     order = np.random.default_rng(seed).permutation(count)
     return sorted(int(i) for i in order[:shots])
+
+
+def image_set(name: str, images, prompts: list[str] | None = None) -> ImageSet:
+    """Generated images (a float NCHW tensor in [-1, 1]) as an ImageSet, one record per sample."""
+    from genadapt.grid import to_uint8
+
+    pixels = to_uint8(images)
+    prompts = prompts or [""] * len(pixels)
+    records = [ImageRecord(id=f"sample-{i:04d}", caption=p, sha256=pixel_hash(x)) for i, (p, x) in enumerate(zip(prompts, pixels))]
+    return ImageSet(name, pixels, records)

@@ -1,7 +1,8 @@
 """`genadapt evaluate`: fidelity, diversity and memorisation of generated samples, with CIs.
 
-Samples come from a folder of images or from a run folder (generated here, seeded). Features
-come from an injectable extractor and are cached per image set, so one reference costs one pass.
+Samples are images the caller gives (an ImageSet, a folder or a builtin spec); `genadapt.api.evaluate`
+generates them from a run folder. Features come from an injectable extractor and are cached per image set,
+so one reference costs one pass.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 from genadapt.data import load_dataset
-from genadapt.data.imageset import ImageRecord, ImageSet, pixel_hash
+from genadapt.data.imageset import ImageSet
 from genadapt.errors import UserError
 from genadapt.eval import metrics
 from genadapt.eval.features import cached_features, get_extractor
@@ -24,54 +25,7 @@ def _resolution_for(features) -> int:
     return 299 if isinstance(features, str) and features.startswith("inception:") else 32
 
 
-def _image_set(name: str, images, prompts: list[str] | None) -> ImageSet:
-    from genadapt.grid import to_uint8
-
-    pixels = to_uint8(images)
-    prompts = prompts or [""] * len(pixels)
-    records = [ImageRecord(id=f"sample-{i:04d}", caption=p, sha256=pixel_hash(x)) for i, (p, x) in enumerate(zip(prompts, pixels))]
-    return ImageSet(name, pixels, records)
-
-
-def samples_from_base(base: str, n: int, prompts: list[str], seed: int = 0, steps: int = 25) -> ImageSet:
-    """n images from an unadapted base (the baseline), prompts cycled (ignored by GANs)."""
-    from genadapt.families import gan
-
-    if gan.is_gan_base(base):
-        return _image_set(f"{base}#samples(seed={seed})", gan.sample(gan.load(base), n, seed), None)
-    from genadapt.families import diffusion
-
-    prompts = [prompts[i % len(prompts)] for i in range(n)]
-    images = diffusion.sample(diffusion.load(base), prompts, steps=steps, seed=seed, progress=True)
-    return _image_set(f"{base}#samples(seed={seed})", images, prompts)
-
-
-def samples_from_run(run: Path, n: int, seed: int = 0, steps: int = 25, guidance: float = 4.0) -> ImageSet:
-    """n images from an adapted run; diffusion prompts cycle over the captions it trained on."""
-    import json
-
-    import yaml
-
-    from genadapt import api
-    from genadapt.families import diffusion, gan
-
-    name = f"{run}#samples(seed={seed})"
-    if yaml.safe_load((run / "config.yaml").read_text()).get("family") == "gan":
-        return _image_set(name, gan.sample(gan.load_run(run), n, seed), None)
-    manifest = json.loads((run / "manifest.json").read_text())
-    if (run / "prompts.json").is_file():
-        captions = json.loads((run / "prompts.json").read_text())
-    else:
-        captions = [item["caption"] for item in manifest["data"]["train"]["items"]]
-    prompts = [captions[i % len(captions)] for i in range(n)]
-    model = api.load_run_model(str(run))
-    return _image_set(name, diffusion.sample(model, prompts, steps=steps, guidance=guidance, seed=seed, progress=True), prompts)
-
-
 def load_eval_images(spec: str, resolution: int, n: int | None = None, seed: int = 0) -> ImageSet:
-    path = Path(spec)
-    if path.is_dir() and (path / "config.yaml").is_file() and (path / "manifest.json").is_file():
-        return samples_from_run(path, n or 64, seed)
     images = load_dataset(spec, resolution=resolution)
     if len(images) < 2:
         raise UserError(f"{spec}: {len(images)} usable image(s); metrics need at least 2")
@@ -89,7 +43,7 @@ def evaluate(
     n_boot: int = 50,
     lpips=None,
 ) -> dict:
-    """All few-shot metrics for one sample set; ImageSets or specs (folder, builtin:..., run folder).
+    """All few-shot metrics for one sample set; ImageSets or specs (folder, builtin:...).
 
     `lpips`: (backbone_path, linear_path, net[, size]) or a loaded `genadapt.eval.lpips.LPIPS`; with
     `train`, adds CDC's intra-cluster LPIPS ("intra_cluster_lpips", images resized to `size`, default 256).

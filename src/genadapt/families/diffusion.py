@@ -20,6 +20,17 @@ from genadapt.errors import UserError
 
 FAMILY = "diffusion"
 SDXL_PIPELINE = "StableDiffusionXLPipeline"
+# Settings a run takes when the user gives none: LoRA, 200 steps, no augmentation, gradients clipped at 1 (as
+# diffusers' training examples).
+DEFAULTS = {"train": "lora", "steps": 200, "augment": "none", "num_validation_images": 8, "max_grad_norm": 1.0}
+# compare's evaluation grids and generated images are small and quick; every run of a compare takes these.
+COMPARE = {"num_validation_images": 4, "sample_steps": 10}
+
+
+def is_base(base: str) -> bool:
+    from genadapt.families import gan
+
+    return not gan.is_base(base)
 
 
 @dataclass
@@ -79,6 +90,10 @@ class DiffusionModel:
         return self.pipeline.vae
 
     @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
     def resolution(self) -> int:
         return int(self.unet.config.sample_size) * self.pipeline.vae_scale_factor
 
@@ -108,7 +123,7 @@ def resolve_base(base: str) -> str:
     return base  # a hub id: diffusers resolves it (from its cache when offline)
 
 
-def load(base: str, dtype: torch.dtype = torch.float32) -> DiffusionModel:
+def load(base: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DiffusionModel:
     """A frozen pipeline (every parameter requires_grad=False); techniques decide what trains."""
     from diffusers import DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import logging as diffusers_logging
@@ -126,6 +141,7 @@ def load(base: str, dtype: torch.dtype = torch.float32) -> DiffusionModel:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"--base {base}: cannot load a Stable Diffusion pipeline ({first}); pass pocket-sd, a pipeline folder or a hub id you have access to") from None
     pipeline.set_progress_bar_config(disable=True)
+    pipeline.to(device)
     model = DiffusionModel(pipeline=pipeline, base=base, noise_scheduler=DDPMScheduler.from_config(pipeline.scheduler.config))
     for module in (*model.modules().values(), pipeline.vae):
         module.requires_grad_(False)
@@ -199,9 +215,11 @@ def predict(
     return unet(noisy.to(device), timesteps.to(device), text.embeds.to(device), **extra).sample
 
 
-def add_noise(model: DiffusionModel, latents: torch.Tensor, generator: torch.Generator, timesteps: torch.Tensor | None = None):
+def add_noise(model: DiffusionModel, latents: torch.Tensor, generator: torch.Generator, timesteps: torch.Tensor | None = None,
+              noise: torch.Tensor | None = None):
     """Forward process q(x_t | x_0) (Ho et al. 2020, eq. 4): returns noisy latents, noise, timesteps."""
-    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
+    if noise is None:
+        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
     if timesteps is None:
         timesteps = torch.randint(0, model.noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
     return model.noise_scheduler.add_noise(latents, noise, timesteps), noise, timesteps
@@ -259,7 +277,7 @@ def sample(
     return torch.cat(images)
 
 
-def save_pipeline(model: DiffusionModel, out: Path) -> Path:
+def save(model: DiffusionModel, out: Path) -> Path:
     """A diffusers pipeline folder (atomic: written beside, then renamed)."""
     import os
     import shutil

@@ -12,7 +12,6 @@ What the adaptation loop (:mod:`genadapt.recipes.train_gan`) and the GAN techniq
   checkpoint (``{"g_ema", "d", ...}``; only with ``allow_pickle=True``, read with ``weights_only=True``).
 * :func:`sample` - images from the EMA generator, a pure function of (weights, seed).
 * :func:`save` - a model folder (safetensors + ``config.json``) that :func:`load` reads back;
-  :func:`load_run` - the adapted model of a finished run folder, whatever the technique.
 
 Randomness: :meth:`GANModel.generate` takes explicit per-layer noise (:meth:`GANModel.noise`) so that a
 training loop can draw everything from one ``torch.Generator`` and resume bit for bit.
@@ -21,7 +20,6 @@ training loop can draw everything from one ``torch.Generator`` and resume bit fo
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from genadapt.errors import UserError
+from genadapt.families import source_module
 from genadapt.families.stylegan2 import MIXING_PROB, copy_for_ema, load_stylegan2, mixing_noise, save_stylegan2
 from genadapt.families.stylegan2 import sample as sample_stylegan2
 from genadapt.families.stylegan2_nets import Discriminator, Generator
@@ -38,9 +37,15 @@ from genadapt.families.stylegan2_nets import Discriminator, Generator
 FAMILY = "gan"
 POCKET = "pocket-stylegan2"
 GENERATOR_SIDE = ("generator", "latent_map")  # trained by the G optimiser; the rest by D's
+# Settings a run takes when the user gives none: FreezeD (Mo et al. 2020) as the technique; 1k steps (CDC README:
+# close domains best at ~1k iterations); DiffAugment color,translation,cutout (Zhao et al. 2020, recommended for
+# <= hundreds of images); no gradient clipping, as StyleGAN2.
+DEFAULTS = {"train": "freeze", "steps": 1000, "augment": "diffaugment", "num_validation_images": 32, "max_grad_norm": 0.0}
+# compare's evaluation grids are small; every run of a compare takes these.
+COMPARE = {}
 
 
-def is_gan_base(base: str) -> bool:
+def is_base(base: str) -> bool:
     """Whether ``--base`` names a GAN: pocket-stylegan2, a StyleGAN2 model folder, or a ``.pt`` checkpoint."""
     if base == POCKET:
         return True
@@ -65,6 +70,16 @@ class GANModel:
         return self.generator.size
 
     @property
+    def device(self) -> torch.device:
+        return self.generator.input.input.device
+
+    def to(self, device) -> "GANModel":
+        """Every network and head on `device` (source copies in `extras` included)."""
+        for module in [*self.modules().values(), self.g_ema, *(m for m in self.extras.values() if isinstance(m, nn.Module))]:
+            module.to(device)
+        return self
+
+    @property
     def style_dim(self) -> int:
         return self.generator.style_dim
 
@@ -87,7 +102,7 @@ class GANModel:
     def noise(self, batch: int, generator: torch.Generator | None = None) -> list[Tensor]:
         """Per-layer noise maps [batch, 1, res, res] (StyleGAN2's noise inputs), drawn from ``generator``."""
         shapes = [res for _, res in self.generator.feature_shapes()]
-        device = self.generator.input.input.device
+        device = self.device
         return [torch.randn((batch, 1, res, res), generator=generator).to(device) for res in shapes]
 
     def generate(self, styles: list[Tensor], inject_index: int | None = None, noise=None, ema: bool = False,
@@ -100,21 +115,10 @@ class GANModel:
 
     def source_generate(self, styles: list[Tensor], inject_index: int | None = None, noise=None,
                         return_features: bool = False):
-        """The *source* generator on the same inputs, without gradients.
-
-        A frozen copy when one was taken (:func:`ensure_source`, for techniques that change G's weights);
-        otherwise G itself with LoRA adapters switched off and no latent map (LoRA and the miner leave the
-        base weights untouched, so no copy is needed).
-        """
-        from genadapt.techniques.gan import lora_disabled
-
-        with torch.no_grad():
-            if "source_generator" in self.extras:
-                network, context = self.extras["source_generator"], contextlib.nullcontext()
-            else:
-                network, context = self.generator, lora_disabled(self.generator)
-            with context:
-                return network(styles, inject_index=inject_index, noise=noise, return_features=return_features)
+        """The *source* generator on the same inputs, without gradients: a frozen copy when training changes
+        G's own weights (:func:`genadapt.families.ensure_source`), else G with its adapters off; no latent map."""
+        with torch.no_grad(), source_module(self, "generator") as network:
+            return network(styles, inject_index=inject_index, noise=noise, return_features=return_features)
 
 
 @dataclass
@@ -136,27 +140,10 @@ def default_adversarial(model: GANModel) -> Adversarial:
     """StyleGAN2 (Karras et al. 2020): z with style mixing (p = 0.9, Karras et al. 2019 §3.1), the full D."""
 
     def latents(batch: int, generator: torch.Generator):
-        device = model.generator.input.input.device
+        device = model.device
         return mixing_noise(batch, model.style_dim, model.generator.n_latent, MIXING_PROB, device=device, generator=generator)
 
     return Adversarial("image", latents, model.discriminator)
-
-
-def ensure_source(model: GANModel) -> None:
-    """Snapshot the source G once, before the first step, if the parameter technique trains G's own weights."""
-    from genadapt.techniques.gan import has_lora
-
-    if "source_generator" in model.extras or has_lora(model.generator):
-        return
-    if any(p.requires_grad for p in model.generator.parameters()):
-        model.extras["source_generator"] = copy_for_ema(model.generator)
-
-
-def ensure_source_discriminator(model: GANModel) -> Discriminator:
-    """A frozen copy of the source D (taken once, before the first step)."""
-    if "source_discriminator" not in model.extras:
-        model.extras["source_discriminator"] = copy_for_ema(model.discriminator)
-    return model.extras["source_discriminator"]
 
 
 # ----------------------------------------------------------------------------- loading
@@ -249,29 +236,6 @@ def load(base: str, allow_pickle: bool = False, device: str | torch.device = "cp
     for module in (generator, discriminator):
         module.requires_grad_(False)
     return GANModel(generator=generator, discriminator=discriminator, g_ema=copy_for_ema(generator), base=base, config=config)
-
-
-def load_run(run: Path) -> GANModel:
-    """The adapted model of a GAN run folder: its ``model/`` folder (full, freeze), or its base with
-    ``lora.safetensors`` applied to G_ema (lora) or ``miner.safetensors`` as the latent map (embedding)."""
-    import yaml
-
-    from genadapt.techniques.gan import load_lora, load_miner
-
-    run = Path(run)
-    if (run / "model" / "generator_ema.safetensors").is_file():
-        return load(str(run / "model"))
-    if not (run / "config.yaml").is_file():
-        raise UserError(f"{run}: not a GAN run folder (no model/ and no config.yaml)")
-    config = yaml.safe_load((run / "config.yaml").read_text())
-    model = load(config["base"], allow_pickle=bool(config.get("allow_pickle")))
-    if (run / "lora.safetensors").is_file():
-        load_lora(model.g_ema, run / "lora.safetensors")
-    elif (run / "miner.safetensors").is_file():
-        model.latent_map = load_miner(run / "miner.safetensors")
-    else:
-        raise UserError(f"{run}: no model/, lora.safetensors or miner.safetensors; did the run finish?")
-    return model
 
 
 # ----------------------------------------------------------------------------- sampling and saving

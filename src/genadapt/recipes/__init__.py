@@ -1,0 +1,115 @@
+"""Recipes: the training loops (one per family), distillation and compare, plus what they share.
+
+Shared here, once: the accelerator a run uses, the global-batch draw that makes a run of N processes
+the run of one process at N times the batch, and the run-folder record (config.yaml, manifest.json,
+run.json) that says what a run is.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from genadapt.errors import UserError
+
+
+def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: int = 1, cpu: bool = False):
+    """An `accelerate.Accelerator` for one run: CUDA when present (unless `cpu`), the process group when launched
+    by `accelerate launch`/`torchrun`. A second run in one process may ask for another precision."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", mixed_precision) != mixed_precision and PartialState().num_processes == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps, cpu=cpu)
+    except (ValueError, RuntimeError) as exc:
+        raise UserError(f"--mixed-precision {mixed_precision}: {str(exc).splitlines()[0]}") from None
+
+
+def adapt(config):
+    """One adapt run on the family its base belongs to; returns the loop's summary."""
+    if config.family == "gan":
+        from genadapt.recipes.train_gan import adapt_gan
+
+        return adapt_gan(config)
+    from genadapt.recipes.train import adapt_diffusion
+
+    return adapt_diffusion(config)
+
+
+def global_slice(draw, batch: int, accelerator):
+    """`draw(batch · processes)` from the stream every process shares, then this process's slice: N processes
+    at batch B see exactly the batch one process at N·B sees (each a different part of it)."""
+    total = batch * accelerator.num_processes
+    start = accelerator.process_index * batch
+    value = draw(total)
+    if isinstance(value, (list, tuple)):
+        return type(value)(v[start:start + batch] for v in value)
+    return value[start:start + batch]
+
+
+def process_generators(seed: int, accelerator) -> tuple[torch.Generator, torch.Generator]:
+    """(shared, local): `shared` draws the global batch (same on every process), `local` what each process
+    draws on its own part (augmentation, loss techniques' extra samples)."""
+    shared = torch.Generator().manual_seed(seed)
+    local = torch.Generator().manual_seed(seed + 1_000_003 * (accelerator.process_index + 1))
+    return shared, local
+
+
+def gather_states(generator: torch.Generator, accelerator) -> list[torch.Tensor]:
+    from accelerate.utils import gather_object
+
+    return gather_object([generator.get_state()]) if accelerator.num_processes > 1 else [generator.get_state()]
+
+
+def restore_generators(state: dict, shared: torch.Generator, local: torch.Generator, accelerator, path: Path) -> None:
+    if len(state["local_generators"]) != accelerator.num_processes:
+        raise UserError(f"{path} was written by {len(state['local_generators'])} process(es); resume with the same number")
+    shared.set_state(state["shared_generator"])
+    local.set_state(state["local_generators"][accelerator.process_index])
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {name: parameter.detach().cpu().clone() for name, parameter in model.named_parameters() if parameter.requires_grad}
+
+
+def load_trainable_state(model, state: dict[str, torch.Tensor], path: Path) -> None:
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            if name not in parameters or parameters[name].shape != value.shape:
+                raise UserError(f"{path} holds {name} {tuple(value.shape)}, which this model does not have; use a new --out")
+            parameters[name].copy_(value)
+
+
+def write_run_record(out: Path, config, family: str, **extra) -> None:
+    """config.yaml (what the run used), run.json (what the run is); manifest.json is written by the loop."""
+    from genadapt.runs import write_json, write_yaml
+
+    write_yaml(out / "config.yaml", config.resolved())
+    write_json(out / "run.json", {
+        "kind": "adapt", "family": family, "train": config.train, "losses": [spec.name for spec in config.loss],
+        "base": config.base, "allow_pickle": bool(getattr(config, "allow_pickle", False)), **extra,
+    })
+
+
+def append_log(out: Path, record: dict) -> None:
+    with (out / "log.jsonl").open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def rewrite_log(out: Path, history: list[dict]) -> None:
+    from genadapt.runs import write_text
+
+    write_text(out / "log.jsonl", "".join(json.dumps(record) + "\n" for record in history))
+
+
+def check_finite(terms: dict[str, torch.Tensor], step: int, out: Path) -> None:
+    """A non-finite loss term stops the run before it can reach the weights; the last checkpoint is kept."""
+    for name, value in terms.items():
+        if not torch.isfinite(value.detach()).all():
+            raise UserError(f"step {step}: loss term {name} is {float(value.detach())}; the run diverged (lower --learning-rate or the term's weight). The last checkpoint in {out / 'checkpoints'} is kept")

@@ -14,34 +14,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from genadapt.config import AdaptConfig
+from genadapt.config import AdaptConfig, CompareConfig
 from genadapt.errors import UserError
+from genadapt.models import base_samples, run_samples
+from genadapt.recipes import adapt
 from genadapt.runs import write_json
-
-# A compare "technique": the parameter technique and loss techniques it stands for, per family.
-GAN_RECIPES = {
-    "full": {"train": "full"},  # TGAN
-    "freeze": {"train": "freeze"},  # FreezeD with its default block count
-    "lora": {"train": "lora", "rank": 4},
-    "embedding": {"train": "embedding"},  # MineGAN latent miner
-    "ewc": {"train": "full", "loss": ["ewc"]},
-    "cdc": {"train": "full", "loss": ["cdc"]},
-    "l2sp": {"train": "full", "loss": ["l2sp"]},
-}
-RECIPES = {
-    "full": {"train": "full"},
-    "freeze": {"train": "freeze", "preset": "attention"},
-    "lora": {"train": "lora", "rank": 4},
-    "embedding": {"train": "embedding", "vectors": 2},
-    "ewc": {"train": "full", "loss": ["ewc"]},
-    "relational": {"train": "full", "loss": ["relational"]},
-    "prior": {"train": "full", "loss": ["prior"]},
-    "feature": {"train": "full", "loss": ["feature"]},
-}
-# Learning rates for short CPU budgets: a few hundred steps, not the thousands of the GPU recipes.
-# LoRA: 1e-4 (benchmarks/lora_learning_rate.py: at 1e-3 it copied the shots and scored worse than the base).
-COMPARE_LR = {"full": 1e-4, "freeze": 2e-4, "lora": 1e-4, "embedding": 5e-3}
-
 
 @dataclass
 class ComparePlan:
@@ -55,80 +32,34 @@ class ComparePlan:
     estimated_minutes: float = 0.0
 
 
-@dataclass
-class CompareSettings:
-    base: str
-    data: str
-    reference: str | None  # None: hold out `reference_share` of the data
-    out: Path
-    shots: list[int]
-    techniques: list[str]
-    budget_minutes: float = 15.0
-    min_steps: int = 20
-    max_steps: int | None = None  # None: 400 for diffusion, 1000 for GANs (CDC's ~1k iterations)
-    batch_size: int = 4
-    samples: int = 64
-    seed: int = 0
-    caption: str | None = None
-    probe_steps: int = 2
-    sample_steps: int = 25  # DDIM steps for evaluation samples
-    reference_share: float = 0.3
-    steps: int | None = None  # fixed steps for every run (reproducible across machines); None: planned from the budget
-
-
 def run_name(technique: str, shots: int) -> str:
     return f"{technique}-{shots}shot"
 
 
-def family_of(base: str) -> str:
-    from genadapt.families.gan import is_gan_base
+def adapt_config(settings: CompareConfig, technique: str, shots: int, steps: int, out: Path) -> AdaptConfig:
+    """The adapt run `compare` makes of a technique: its registered compare preset on the shared settings."""
+    from genadapt import techniques
+    from genadapt.families import family_module
 
-    return "gan" if is_gan_base(base) else "diffusion"
-
-
-def recipes_for(base: str) -> dict:
-    return GAN_RECIPES if family_of(base) == "gan" else RECIPES
-
-
-def adapt_config(settings: CompareSettings, technique: str, shots: int, steps: int, out: Path) -> AdaptConfig:
-    recipe = dict(recipes_for(settings.base)[technique])
-    if family_of(settings.base) == "gan":
-        return AdaptConfig(
-            base=settings.base, data=settings.data, shots=shots, seed=settings.seed, steps=steps,
-            batch_size=settings.batch_size, checkpointing_steps=max(10, steps // 4), ewc_samples=64, out=out, **recipe,
-        )
+    family = settings.family
     values = {
-        "base": settings.base,
-        "data": settings.data,
-        "shots": shots,
-        "seed": settings.seed,
-        "steps": steps,
-        "batch_size": min(settings.batch_size, max(3, shots)) if "relational" in recipe.get("loss", []) else settings.batch_size,
-        "learning_rate": COMPARE_LR[recipe["train"]],
-        "checkpointing_steps": max(10, steps // 4),
-        "num_validation_images": 4,
-        "sample_steps": 10,
-        "num_class_images": 16,
-        "ewc_samples": 16,
-        "caption": settings.caption,
-        "token": "<target>",
-        "out": out,
-        **recipe,
+        "base": settings.base, "data": settings.data, "shots": shots, "seed": settings.seed, "steps": steps,
+        "batch_size": settings.batch_size, "checkpointing_steps": max(10, steps // 4), "out": out,
+        **({"caption": settings.caption} if family == "diffusion" else {}),
+        **family_module(family).COMPARE,
+        **techniques.compare_presets(family)[technique],
     }
     return AdaptConfig(**values)
 
 
-def probe(settings: CompareSettings, scratch: Path) -> tuple[dict[str, float], float]:
+def probe(settings: CompareConfig, scratch: Path) -> tuple[dict[str, float], float]:
     """Seconds per training step of each technique, and seconds per generated sample."""
-    from genadapt.api import adapt
-
     from genadapt.data import load_dataset
-    from genadapt.eval.evaluate import samples_from_base
 
     # One-off costs (rendering a built-in set, first model load) must not count as per-run setup.
     load_dataset(settings.data, resolution=32)
     load_dataset(settings.reference, resolution=32)
-    samples_from_base(settings.base, 1, ["probe"], steps=1)
+    base_samples(settings.base, 1, ["probe"], steps=1)
     per_step = {}
     for technique in settings.techniques:
         config = adapt_config(settings, technique, min(settings.shots), settings.probe_steps, scratch / technique)
@@ -141,11 +72,11 @@ def probe(settings: CompareSettings, scratch: Path) -> tuple[dict[str, float], f
         per_step[technique] = summary["train_seconds"] / settings.probe_steps
         per_step[technique + ":setup"] = time.time() - started - summary["train_seconds"]
     started = time.time()
-    samples_from_base(settings.base, 16, ["probe"], steps=settings.sample_steps)
+    base_samples(settings.base, 16, ["probe"], steps=settings.sample_steps)
     return per_step, (time.time() - started) / 16
 
 
-def make_plan(settings: CompareSettings, per_step: dict[str, float], per_sample: float) -> ComparePlan:
+def make_plan(settings: CompareConfig, per_step: dict[str, float], per_sample: float) -> ComparePlan:
     """One step count for every run that fits the budget; the most expensive runs are dropped first."""
     runs = [(t, s) for t in settings.techniques for s in settings.shots]
     budget = settings.budget_minutes * 60
@@ -159,7 +90,7 @@ def make_plan(settings: CompareSettings, per_step: dict[str, float], per_sample:
         fixed = cost(runs, 0)
         steps = int((budget - fixed) / max(1e-9, sum(per_step[t] for t, _ in runs)))
         if steps >= settings.min_steps:
-            steps = min(steps, settings.max_steps or (1000 if family_of(settings.base) == "gan" else 400))
+            steps = min(steps, settings.max_steps or (1000 if settings.family == "gan" else 400))
             break
         worst = max(runs, key=lambda run: (per_step[run[0]], run[1]))
         runs.remove(worst)
@@ -179,7 +110,7 @@ def make_plan(settings: CompareSettings, per_step: dict[str, float], per_sample:
     )
 
 
-def hold_out(settings: CompareSettings, out: Path) -> CompareSettings:
+def hold_out(settings: CompareConfig, out: Path) -> CompareConfig:
     """Without --reference: split the data once, by seed, into a shot pool and a held-out reference,
     written as folders (images + metadata.jsonl) so every run and the report can point at them."""
     import shutil
@@ -212,22 +143,17 @@ def hold_out(settings: CompareSettings, out: Path) -> CompareSettings:
                     shutil.copy2(Path(settings.data) / record.id, folder / name)
                 rows.append(json.dumps({"file_name": name, "text": images.records[index].caption}))
             (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
-    return CompareSettings(**{**asdict(settings), "data": str(pool_dir), "reference": str(reference_dir), "caption": None})
+    return settings.model_copy(update={"data": str(pool_dir), "reference": str(reference_dir), "caption": None})
 
 
-def compare(settings: CompareSettings) -> dict:
+def compare(settings: CompareConfig) -> dict:
     """Plan, run, evaluate, report. Returns the results dict written to results.json."""
     from tqdm.auto import tqdm
 
-    from genadapt.api import adapt
     from genadapt.data import load_dataset
-    from genadapt.eval.evaluate import evaluate, samples_from_run
+    from genadapt.eval.evaluate import evaluate
     from genadapt.eval.report import write_compare_report
 
-    recipes = recipes_for(settings.base)
-    unknown = [t for t in settings.techniques if t not in recipes]
-    if unknown:
-        raise UserError(f"--techniques {unknown[0]}: not a technique for {settings.base}; choose from {', '.join(recipes)}")
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     if settings.reference is None:
@@ -243,10 +169,10 @@ def compare(settings: CompareSettings) -> dict:
         probe_started = time.time()
         per_step, per_sample = probe(settings, out / "probe")
         probe_minutes = (time.time() - probe_started) / 60
-        remaining = CompareSettings(**{**asdict(settings), "budget_minutes": settings.budget_minutes - probe_minutes})
+        remaining = settings.model_copy(update={"budget_minutes": settings.budget_minutes - probe_minutes})
         plan = make_plan(remaining, per_step, per_sample)
         write_json(plan_path, asdict(plan))
-    write_json(out / "settings.json", {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()})
+    write_json(out / "settings.json", settings.model_dump(mode="json"))
 
     reference = load_dataset(settings.reference, resolution=32)
     results = {"settings": json.loads((out / "settings.json").read_text()), "plan": asdict(plan), "runs": {}}
@@ -254,10 +180,8 @@ def compare(settings: CompareSettings) -> dict:
     bar = tqdm(total=len(plan.runs) + 1, desc="compare", unit="run")
     baseline_path = out / "base" / "eval.json"
     if not baseline_path.is_file():
-        from genadapt.eval.evaluate import samples_from_base
-
         shots = load_dataset(settings.data, resolution=32, shots=max(settings.shots), seed=settings.seed, caption=settings.caption)
-        samples = samples_from_base(settings.base, settings.samples, shots.captions, settings.seed, settings.sample_steps)
+        samples = base_samples(settings.base, settings.samples, shots.captions, settings.seed, settings.sample_steps)
         evaluation = evaluate(samples, reference, shots, out=out / "base")
         write_json(baseline_path, {"technique": "base", "shots": max(settings.shots), "evaluation": evaluation})
     results["runs"]["base"] = json.loads(baseline_path.read_text())
@@ -271,7 +195,7 @@ def compare(settings: CompareSettings) -> dict:
             config = adapt_config(settings, technique, shots, plan.steps, run)
             adapt(config)
             train_shots = load_dataset(settings.data, resolution=32, shots=shots, seed=settings.seed)
-            samples = samples_from_run(run, settings.samples, settings.seed, steps=settings.sample_steps)
+            samples = run_samples(run, settings.samples, settings.seed, steps=settings.sample_steps)
             evaluation = evaluate(samples, reference, train_shots, out=run / "eval")
             summary = json.loads((run / "summary.json").read_text())
             write_json(

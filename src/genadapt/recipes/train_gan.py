@@ -1,8 +1,8 @@
-"""The GAN adaptation loop: one readable recipe that knows no technique.
+"""The GAN adaptation loop: one readable recipe, driven by accelerate, knowing no technique.
 
-Reads top to bottom: load the base (G, D, G_ema), load the few shots, let the parameter technique decide
-what trains and the loss techniques snapshot what they need, then alternate StyleGAN2's two steps
-(Karras et al. 2020, as rosinality's ``train.py``):
+Reads top to bottom: load the base (G, D, G_ema) on the accelerator's device, load the few shots, let the
+parameter technique decide what trains and the loss techniques snapshot what they need, then alternate
+StyleGAN2's two steps (Karras et al. 2020, as rosinality's ``train.py``):
 
 * D step: logistic loss on augmented reals and fakes, plus lazy R1 every 16 steps;
 * G step: non-saturating loss through the augmented D, plus every loss technique's terms;
@@ -12,23 +12,30 @@ DiffAugment / ADA (:mod:`genadapt.data.augment`) is applied to every image D see
 2020; Karras et al. 2020b). A loss technique may swap a step's latents and critic (CDC's anchors and patch D)
 through :class:`genadapt.families.gan.Adversarial`.
 
-One ``torch.Generator`` drives batch choice, latents, noise maps, augmentation and the techniques' random
-choices; ``checkpoints/state.pt`` (atomic) holds it with the trainable tensors, the EMA, both optimisers and
-the augmentation state, so rerunning the same command resumes and repeats the uninterrupted run.
+accelerate gives the device, autocast for ``--mixed-precision`` and the process group. With N processes each
+optimiser step averages the gradients of all processes (one all-reduce per step, as DDP's), each process on
+its part of one global batch; ``--gradient-accumulation-steps K`` sums K micro-batches per step. DDP's module
+wrapper is not used: a GAN step toggles D's gradients, runs D twice before one backward, takes R1's double
+backward and uses CDC's patch head on alternate steps, all of which its reducer handles badly.
+
+One shared ``torch.Generator`` draws the global batch (indices, latents, noise maps); a per-process one draws
+augmentation and the techniques' random choices. ``checkpoints/state.pt`` (atomic) holds both with the
+trainable tensors, the EMA, both optimisers and the augmentation state, so rerunning the same command resumes
+and repeats the uninterrupted run.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from pathlib import Path
 
 import torch
 
+from genadapt import techniques
 from genadapt.config import AdaptConfig
 from genadapt.errors import UserError
-from genadapt.families import gan
+from genadapt.families import artifact_bytes, gan
 from genadapt.families.stylegan2 import (
     R1_INTERVAL,
     LazyR1,
@@ -37,12 +44,14 @@ from genadapt.families.stylegan2 import (
     g_nonsaturating_loss,
     lazy_adam_hyperparameters,
 )
-from genadapt.recipes.train import STATE_FILE, _load_trainable_state, _trainable_state
-from genadapt.runs import check_resumable, load_checkpoint, progress, save_torch, use_cpu, write_json, write_manifest, write_text, write_yaml
+from genadapt.recipes import (
+    append_log, check_finite, gather_states, load_trainable_state, make_accelerator, process_generators, restore_generators,
+    rewrite_log, trainable_state, write_run_record,
+)
+from genadapt.runs import check_resumable, load_checkpoint, progress, save_torch, use_cpu, write_json, write_manifest
 from genadapt.techniques import Step
-from genadapt.techniques.gan import make_parameter_technique
-from genadapt.techniques.gan_losses import make_loss_techniques
 
+STATE_FILE = "checkpoints/state.pt"
 BETAS = (0.0, 0.99)  # Adam β for G and D: StyleGAN2 / rosinality / CDC
 # G_ema decay per step, rosinality's and CDC's `accum = 0.5 ** (32 / (10 * 1000))` whatever the batch:
 # a half-life of ~312 steps, short enough for 1k-step adaptation runs.
@@ -78,7 +87,7 @@ def _update_ema(model: gan.GANModel, decay: float) -> None:
 
 def _ema_state(model: gan.GANModel) -> dict[str, torch.Tensor]:
     trained = {name for name, p in model.generator.named_parameters() if p.requires_grad}
-    return {name: p.detach().clone() for name, p in model.g_ema.named_parameters() if name in trained}
+    return {name: p.detach().cpu().clone() for name, p in model.g_ema.named_parameters() if name in trained}
 
 
 @contextlib.contextmanager
@@ -93,15 +102,25 @@ def _no_grad_for(parameters):
             parameter.requires_grad_(True)
 
 
-def _add_terms(terms: dict, total: torch.Tensor, technique, produced: dict) -> torch.Tensor:
-    for name, value in produced.items():
-        terms[name] = value
-        total = total + technique.weight * value
-    return total
+def _average_gradients(parameters: list[torch.Tensor], accelerator) -> None:
+    """All processes' gradients averaged, in one all-reduce of the flat gradient (what DDP's reducer does)."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
 
 
-def _write_log(out: Path, history: list[dict]) -> None:
-    write_text(out / "log.jsonl", "".join(json.dumps(record) + "\n" for record in history))
+def _step(optimizer, parameters: list[torch.Tensor], config: AdaptConfig, accelerator) -> None:
+    _average_gradients(parameters, accelerator)
+    if config.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
+    optimizer.step()
 
 
 def _save_samples(model: gan.GANModel, config: AdaptConfig, out: Path, step: int) -> Path:
@@ -111,7 +130,7 @@ def _save_samples(model: gan.GANModel, config: AdaptConfig, out: Path, step: int
     return save_grid(images, out / "samples" / f"step-{step:06d}.png", columns=8, scale=2)
 
 
-def adapt_gan(config: AdaptConfig) -> dict:
+def adapt_gan(config: AdaptConfig, accelerator=None) -> dict:
     """Train one GAN run into ``config.out``; resumes from ``checkpoints/state.pt`` if it exists."""
     from genadapt.data import load_dataset
     from genadapt.data.augment import make_augment
@@ -119,26 +138,38 @@ def adapt_gan(config: AdaptConfig) -> dict:
 
     out = Path(config.out)
     use_cpu()
-    model = gan.load(config.base, allow_pickle=config.allow_pickle)
+    accelerator = accelerator or make_accelerator(config.mixed_precision, 1, config.cpu)
+    main, device = accelerator.is_main_process, accelerator.device
+    model = gan.load(config.base, allow_pickle=config.allow_pickle, device=device)
     images = load_dataset(
         config.data, resolution=model.resolution, shots=config.shots, seed=config.seed,
-        fit=config.fit, background=config.background, caption=config.caption, strict=config.strict,
+        fit=config.fit, background=config.background, strict=config.strict,
     )
     reals = images.tensors()
 
     torch.manual_seed(config.seed)  # adapter, miner and head initialisation draw from the global generator
-    technique = make_parameter_technique(config)
+    technique = techniques.get(config.train, "parameter", "gan").build(config.section(config.train))
     technique.prepare(model)
-    losses = make_loss_techniques(config)
-    for loss_technique in losses:
+    losses = []
+    for spec in config.loss:
+        loss_technique = techniques.get(spec.name, "loss", "gan").build(config.section(spec.name))
         loss_technique.prepare(model, images, config)
+        losses.append((spec.weight, loss_technique))
+    changing = [t.name for _, t in losses if hasattr(t, "adversarial")]
+    if len(changing) > 1:
+        raise UserError(f"--loss {' and '.join(changing)}: both change the adversarial game; use one of them")
     model.g_ema = copy_for_ema(model.generator)  # the EMA starts from the prepared G (adapters included)
+    model.to(device)
 
     gamma = r1_gamma(config, model)
-    resolved = {"family": "gan", **json.loads(config.model_dump_json()), **technique.resolved, "r1_gamma": gamma}
+    resolved = {**config.resolved(), **getattr(technique, "resolved", {}), "r1_gamma": gamma}
     check_resumable(out, STATE_FILE, resolved, ignored={"steps"})
-    write_yaml(out / "config.yaml", resolved)
-    write_manifest(out, config.seed, {"train": images}, {"base": config.base, "resolution": model.resolution})
+    if main:
+        from genadapt.runs import write_yaml
+
+        write_run_record(out, config, "gan", device=str(device), processes=accelerator.num_processes)
+        write_yaml(out / "config.yaml", resolved)  # with the values the technique resolved from the base (FreezeD's blocks, γ)
+        write_manifest(out, config.seed, {"train": images}, {"base": config.base, "resolution": model.resolution})
 
     g_params, d_params = _split_sides(model, technique.parameters(model))
     if not g_params or not d_params:
@@ -146,15 +177,16 @@ def adapt_gan(config: AdaptConfig) -> dict:
     g_optim = torch.optim.Adam(g_params, lr=config.lr, betas=BETAS)  # no path-length reg, so no lazy correction
     d_lr, d_betas = lazy_adam_hyperparameters(config.lr, BETAS, R1_INTERVAL)
     d_optim = torch.optim.Adam(d_params, lr=d_lr, betas=d_betas)
+    g_optim, d_optim = accelerator.prepare(g_optim, d_optim)
     augment = make_augment(config.augment)
     r1 = LazyR1(gamma, R1_INTERVAL)
 
-    generator = torch.Generator().manual_seed(config.seed)
+    shared, local = process_generators(config.seed, accelerator)
     start, history = 0, []
     state_path = out / STATE_FILE
     if state_path.is_file():
-        state = load_checkpoint(state_path, {"trainable", "ema", "g_optim", "d_optim", "augment", "generator", "step", "history"})
-        _load_trainable_state(model, state["trainable"])
+        state = load_checkpoint(state_path, {"trainable", "ema", "g_optim", "d_optim", "augment", "shared_generator", "local_generators", "step", "history"})
+        load_trainable_state(model, state["trainable"], state_path)
         with torch.no_grad():
             ema = dict(model.g_ema.named_parameters())
             for name, value in state["ema"].items():
@@ -162,75 +194,99 @@ def adapt_gan(config: AdaptConfig) -> dict:
         g_optim.load_state_dict(state["g_optim"])
         d_optim.load_state_dict(state["d_optim"])
         augment.load_state_dict(state["augment"])
-        generator.set_state(state["generator"])
+        restore_generators(state, shared, local, accelerator, state_path)
         start, history = state["step"], state["history"]
-    else:
+    elif main:
         save_grid(reals, out / "samples" / "shots.png", columns=8, scale=2)
         _save_samples(model, config, out, 0)  # the source, for comparison
+    if main:
+        rewrite_log(out, history)
 
     def checkpoint(done: int) -> None:
-        save_torch(state_path, {
-            "trainable": _trainable_state(model), "ema": _ema_state(model),
-            "g_optim": g_optim.state_dict(), "d_optim": d_optim.state_dict(), "augment": augment.state_dict(),
-            "generator": generator.get_state(), "step": done, "history": history,
-        })
-        _write_log(out, history)
+        locals_ = gather_states(local, accelerator)
+        if main:
+            save_torch(state_path, {
+                "trainable": trainable_state(model), "ema": _ema_state(model),
+                "g_optim": g_optim.state_dict(), "d_optim": d_optim.state_dict(), "augment": augment.state_dict(),
+                "shared_generator": shared.get_state(), "local_generators": locals_, "step": done, "history": history,
+            })
+
+    batch, processes, rank = config.batch_size, accelerator.num_processes, accelerator.process_index
+    part = slice(rank * batch, (rank + 1) * batch)
+    accumulation = config.gradient_accumulation_steps
+
+    def draw(adversarial):
+        """This process's part of one global batch: real images, latents, noise maps."""
+        index = torch.randint(len(reals), (batch * processes,), generator=shared)[part]
+        styles, inject_index = adversarial.latents(batch * processes, shared)
+        noise = model.noise(batch * processes, shared)
+        return reals[index].to(device), [s[part].to(device) for s in styles], inject_index, [n[part] for n in noise], index
 
     default = gan.default_adversarial(model)
-    batch = config.batch_size
-    bar = progress(config.steps, start, f"adapt {config.train}")
+    bar = progress(config.steps, start, f"adapt {config.train}", disable=not main)
     started = time.time()
     for step_index in range(start, config.steps):
         adversarial = default
-        for loss_technique in losses:
+        for _, loss_technique in losses:
             if hasattr(loss_technique, "adversarial"):
                 adversarial = loss_technique.adversarial(step_index, model, default)
-        index = torch.randint(len(reals), (batch,), generator=generator)
-        real = reals[index]
 
         # D step: L_D = E[softplus(-D(T(x)))] + E[softplus(D(T(G(z))))] + Σ technique terms.
-        with torch.no_grad():
-            styles, inject_index = adversarial.latents(batch, generator)
-            fake = model.generate(styles, inject_index, noise=model.noise(batch, generator))[0]
-        real_augmented = augment(real, generator)
-        real_logits = adversarial.critic(real_augmented)
-        fake_logits = adversarial.critic(augment(fake, generator))
-        d_terms = {"d_adv": d_logistic_loss(real_logits, fake_logits)}
-        step = Step(step_index, model, {"real": real, "index": index},
-                    {"real_augmented": real_augmented, "fake": fake, "real_logits": real_logits, "fake_logits": fake_logits}, generator)
-        d_total = d_terms["d_adv"]
-        for loss_technique in losses:
-            if hasattr(loss_technique, "d_loss"):
-                d_total = _add_terms(d_terms, d_total, loss_technique, loss_technique.d_loss(step))
         d_optim.zero_grad(set_to_none=True)
-        d_total.backward()
-        d_optim.step()
-        augment.update(real_logits)
-        scores = {"real_score": float(real_logits.detach().mean()), "fake_score": float(fake_logits.detach().mean())}
+        d_reals = []
+        for _ in range(accumulation):
+            real, styles, inject_index, noise, index = draw(adversarial)
+            d_reals.append(real)
+            with accelerator.autocast():
+                with torch.no_grad():
+                    fake = model.generate(styles, inject_index, noise=noise)[0]
+                real_augmented = augment(real, local)
+                real_logits = adversarial.critic(real_augmented)
+                fake_logits = adversarial.critic(augment(fake, local))
+                d_terms = {"d_adv": d_logistic_loss(real_logits.float(), fake_logits.float())}
+                step = Step(step_index, model, {"real": real, "index": index},
+                            {"real_augmented": real_augmented, "fake": fake, "real_logits": real_logits, "fake_logits": fake_logits}, local)
+                d_total = d_terms["d_adv"]
+                for weight, loss_technique in losses:
+                    if hasattr(loss_technique, "d_loss"):
+                        for name, value in loss_technique.d_loss(step).items():
+                            d_terms[name] = value
+                            d_total = d_total + weight * value
+            check_finite(d_terms, step_index + 1, out)
+            accelerator.backward(d_total / accumulation)
+            augment.update(accelerator.gather(real_logits.detach().float()))
+        _step(d_optim, d_params, config, accelerator)
+        scores = {"real_score": float(real_logits.detach().float().mean()), "fake_score": float(fake_logits.detach().float().mean())}
 
-        # Lazy R1 (every 16 D steps) on the critic this step uses; a patch critic's map is averaged per image.
+        # Lazy R1 (every 16 D steps) on the critic this step uses, in full precision; a patch critic's map is averaged per image.
         if r1.due(step_index):
             critic = adversarial.critic
-            r1_loss, d_terms["r1"] = r1(lambda x: critic(x).flatten(1).mean(1, keepdim=True), real, lambda x: augment(x, generator))
             d_optim.zero_grad(set_to_none=True)
-            r1_loss.backward()
-            d_optim.step()
+            for real in d_reals:
+                r1_loss, d_terms["r1"] = r1(lambda x: critic(x).flatten(1).mean(1, keepdim=True), real, lambda x: augment(x, local))
+                accelerator.backward(r1_loss / accumulation)
+            _step(d_optim, d_params, config, accelerator)
 
         # G step: L_G = E[softplus(-D(T(G(z))))] + Σ technique terms.
+        g_optim.zero_grad(set_to_none=True)
         with _no_grad_for(d_params):
-            styles, inject_index = adversarial.latents(batch, generator)
-            fake = model.generate(styles, inject_index, noise=model.noise(batch, generator))[0]
-            fake_logits = adversarial.critic(augment(fake, generator))
-            g_terms = {"g_adv": g_nonsaturating_loss(fake_logits)}
-            step = Step(step_index, model, {"real": real, "index": index},
-                        {"fake": fake, "styles": styles, "inject_index": inject_index, "fake_logits": fake_logits}, generator)
-            g_total = g_terms["g_adv"]
-            for loss_technique in losses:
-                if hasattr(loss_technique, "loss"):
-                    g_total = _add_terms(g_terms, g_total, loss_technique, loss_technique.loss(step))
-            g_optim.zero_grad(set_to_none=True)
-            g_total.backward()
-            g_optim.step()
+            for _ in range(accumulation):
+                real, styles, inject_index, noise, index = draw(adversarial)
+                with accelerator.autocast():
+                    fake = model.generate(styles, inject_index, noise=noise)[0]
+                    fake_logits = adversarial.critic(augment(fake, local))
+                    g_terms = {"g_adv": g_nonsaturating_loss(fake_logits.float())}
+                    step = Step(step_index, model, {"real": real, "index": index},
+                                {"fake": fake, "styles": styles, "inject_index": inject_index, "fake_logits": fake_logits}, local)
+                    g_total = g_terms["g_adv"]
+                    for weight, loss_technique in losses:
+                        if hasattr(loss_technique, "loss"):
+                            for name, value in loss_technique.loss(step).items():
+                                g_terms[name] = value
+                                g_total = g_total + weight * value
+                check_finite(g_terms, step_index + 1, out)
+                accelerator.backward(g_total / accumulation)
+            _step(g_optim, g_params, config, accelerator)
         _update_ema(model, EMA_DECAY)
 
         done = step_index + 1
@@ -239,29 +295,36 @@ def adapt_gan(config: AdaptConfig) -> dict:
         if hasattr(augment, "p"):
             record["augment_p"] = augment.p
         history.append(record)
+        if main:
+            append_log(out, record)
         bar.update(1)
         bar.set_postfix(d=f"{record['d_loss']:.3f}", g=f"{record['g_loss']:.3f}")
         if done % config.checkpointing_steps == 0 or done == config.steps:
             checkpoint(done)
-        if config.sample_every and done % config.sample_every == 0 and done != config.steps:
+        if main and config.sample_every and done % config.sample_every == 0 and done != config.steps:
             _save_samples(model, config, out, done)
     bar.close()
     train_seconds = time.time() - started
 
-    artifacts = technique.save(model, out)
-    _save_samples(model, config, out, config.steps)
-    _write_log(out, history)
-    files = [f for a in map(Path, artifacts) for f in ([a] if a.is_file() else a.rglob("*")) if f.is_file()]
     summary = {
         "family": "gan",
         "steps": config.steps,
         "train_seconds": train_seconds,
+        "device": str(device),
+        "processes": processes,
         "trainable_parameters": sum(p.numel() for p in g_params + d_params),
         "trainable_generator_parameters": sum(p.numel() for p in g_params),
         "trainable_discriminator_parameters": sum(p.numel() for p in d_params),
-        "artifacts": [str(Path(a).relative_to(out)) for a in artifacts],
-        "artifact_bytes": sum(f.stat().st_size for f in files),
     }
-    write_json(out / "summary.json", summary)
+    if main:
+        artifacts = technique.save(model, out)
+        _save_samples(model, config, out, config.steps)
+        summary["artifacts"] = [str(Path(a).relative_to(out)) for a in artifacts]
+        summary["artifact_bytes"] = artifact_bytes(artifacts)
+        write_json(out / "summary.json", summary)
+    accelerator.wait_for_everyone()
     summary["model"] = model
+    summary["history"] = history
+    summary["optimizers"] = (g_optim, d_optim)
     return summary
+

@@ -1,7 +1,11 @@
-"""Textual inversion (Gal et al. 2022, eq. 2): v* = argmin_v E ||ε − ε_θ(z_t, t, c_θ(y(v)))||².
+"""Embedding optimisation: the generator stays frozen, only a small input-side representation learns.
 
-The generator and the text encoder stay frozen; only the new placeholder rows of the token
-embedding learn (for SDXL, in both text encoders, as diffusers' SDXL textual-inversion example). Other rows are held bitwise by zeroing their gradient (and no weight decay).
+Diffusion: textual inversion (Gal et al. 2022, eq. 2): v* = argmin_v E ||ε − ε_θ(z_t, t, c_θ(y(v)))||². The
+generator and the text encoder stay frozen; only the new placeholder rows of the token embedding learn (for
+SDXL, in both text encoders, as diffusers' SDXL textual-inversion example). Other rows are held bitwise by
+zeroing their gradient (and no weight decay).
+
+GAN: MineGAN's latent miner (Wang et al. CVPR 2020): learn where to sample the frozen G's latent space.
 """
 
 from __future__ import annotations
@@ -10,20 +14,32 @@ import re
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
 
+from genadapt.config import setting
 from genadapt.errors import UserError
+from genadapt.techniques import Implementation, Technique, register, trainable
+from genadapt.techniques.freeze import FreezeDSettings, train_discriminator_except_frozen
+from genadapt.techniques.full import GAN_LR
+
+
+class EmbeddingSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    token: str = setting("<genadapt>", "--train embedding: the new token.", aliases=("--placeholder-token",), min_length=1)
+    init_token: str | None = setting(None, "Word to start the embedding from (else the mean of the vocabulary).", aliases=("--initializer-token",))
+    vectors: int = setting(1, "Embedding vectors per token.", ge=1, le=75, aliases=("--num-vectors",))
 
 
 class TextualInversion:
     name = "embedding"
-    trains_text_encoder = True  # the text encoder runs every step, its weights stay frozen
     weight_decay = 0.0
 
-    def __init__(self, token: str = "<genadapt>", init_token: str | None = None, vectors: int = 1):
-        self.token = token
-        self.init_token = init_token
-        self.vectors = vectors
-        self.tokens = [token] + [f"{token}_{i}" for i in range(1, vectors)]  # diffusers' naming
+    def __init__(self, settings: EmbeddingSettings):
+        self.token = settings.token
+        self.init_token = settings.init_token
+        self.vectors = settings.vectors
+        self.tokens = [self.token] + [f"{self.token}_{i}" for i in range(1, self.vectors)]  # diffusers' naming
         self.token_ids: list[list[int]] = []  # per text encoder: SDXL fine-tunes may have tokenizers that differ
 
     def prepare(self, model) -> None:
@@ -73,3 +89,96 @@ class TextualInversion:
         from genadapt.export.embeddings import save_embeddings
 
         return save_embeddings(self.token, self.learned(model), Path(out), model.extras.get("training_metadata", {}))
+
+
+def load_textual_inversion(load_base, run: Path):
+    from genadapt.export.embeddings import load_into
+
+    model = load_base()
+    load_into(model.pipeline, Path(run))
+    return model
+
+
+# ----------------------------------------------------------------------------- GAN: MineGAN miner
+
+
+class LatentMiner(nn.Module):
+    """MineGAN's miner (Wang et al. CVPR 2020, §3.1): a small MLP M whose z' = M(z) feeds the frozen G, trained
+    adversarially, min_M max_D E[log D(x)] + E[log(1 − D(G(M(z))))].
+
+    FreezeD's MineGAN baseline uses Linear(d, d) - ReLU - Linear(d, d); we add a residual connection with the
+    last layer initialised to zero, z' = z + MLP(z), so mining starts from the source distribution
+    (G(M(z)) = G(z) at step 0), as LoRA's B = 0 does.
+    """
+
+    def __init__(self, dim: int, hidden: int | None = None):
+        super().__init__()
+        hidden = hidden or dim
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+        nn.init.zeros_(self.net[2].weight)
+        nn.init.zeros_(self.net[2].bias)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return z + self.net(z)
+
+
+def load_miner(path: Path) -> LatentMiner:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata() or {}
+        state = {key: handle.get_tensor(key) for key in handle.keys()}
+    miner = LatentMiner(int(metadata["style_dim"]), int(metadata["hidden"]))
+    miner.load_state_dict(state)
+    return miner.eval().requires_grad_(False)
+
+
+class Miner:
+    """MineGAN (Wang et al. 2020): learn where to sample the frozen G's latent space.
+
+    Trains: the miner and the discriminator (all but its first ``--freeze-d`` blocks, default 0), as MineGAN
+    and FreezeD's ``--miner`` baseline do; every G weight stays bitwise the source. The artifact is
+    ``miner.safetensors``.
+    """
+
+    name = "embedding"
+    weight_decay = 0.0
+
+    def __init__(self, settings: FreezeDSettings):
+        self.freeze_d = settings.freeze_d or 0
+        self.resolved: dict = {"freeze_d": self.freeze_d}
+
+    def prepare(self, model) -> None:
+        model.latent_map = LatentMiner(model.style_dim).to(model.device)
+        train_discriminator_except_frozen(model, self.freeze_d, lambda name: name.startswith("latent_map."))
+
+    def parameters(self, model) -> list[Tensor]:
+        return trainable(model)
+
+    def save(self, model, out: Path) -> list[Path]:
+        from genadapt.runs import save_safetensors
+
+        miner = model.latent_map
+        metadata = {"format": "genadapt-stylegan2-miner", "style_dim": str(model.style_dim),
+                    "hidden": str(miner.net[0].out_features), "base": model.base}
+        return [save_safetensors(Path(out) / "miner.safetensors", dict(miner.state_dict()), metadata)]
+
+
+def load_gan_miner(load_base, run: Path):
+    model = load_base()
+    model.latent_map = load_miner(Path(run) / "miner.safetensors").to(model.device)
+    return model
+
+
+register(Technique(
+    name="embedding",
+    kind="parameter",
+    summary="textual inversion (diffusion) or a MineGAN latent miner (GAN); the generator stays frozen",
+    families={
+        "diffusion": Implementation(
+            build=TextualInversion, settings=EmbeddingSettings, learning_rate=5e-3,
+            compare={"train": "embedding", "vectors": 2, "token": "<target>", "learning_rate": 5e-3}, load=load_textual_inversion,
+        ),
+        "gan": Implementation(build=Miner, settings=FreezeDSettings, learning_rate=GAN_LR, compare={"train": "embedding"}, load=load_gan_miner),
+    },
+))

@@ -4,15 +4,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from genadapt.techniques import trainable
+from pydantic import BaseModel, ConfigDict
+
+from genadapt.config import setting
+from genadapt.techniques import Implementation, NoSettings, Technique, register, set_trainable, trainable
+
+# Learning rates the diffusers/kohya recipes start from (diffusion_anchors.md §1); StyleGAN2 / CDC / FreezeD
+# use Adam at 0.002 for every GAN technique (gan_anchors.md §7).
+GAN_LR = 0.002
 
 
-class FullFineTuning:
+class DiffusionFullSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    train_text_encoder: bool = setting(False, "--train full: also train the text encoder(s).")
+
+
+class DiffusionFullFineTuning:
     name = "full"
     weight_decay = 1e-2
 
-    def __init__(self, train_text_encoder: bool = False):
-        self.trains_text_encoder = train_text_encoder
+    def __init__(self, settings: DiffusionFullSettings):
+        self.trains_text_encoder = settings.train_text_encoder
 
     def prepare(self, model) -> None:
         model.unet.requires_grad_(True)
@@ -24,6 +36,59 @@ class FullFineTuning:
         return trainable(model)
 
     def save(self, model, out: Path) -> list[Path]:
-        from genadapt.families.diffusion import save_pipeline
+        from genadapt.families import diffusion
 
-        return [save_pipeline(model, Path(out) / "pipeline")]
+        return [diffusion.save(model, Path(out) / "pipeline")]
+
+
+def load_diffusion_pipeline_run(load_base, run: Path):
+    """full and freeze runs keep the whole adapted pipeline: load it, not the base."""
+    from genadapt.families import diffusion
+
+    return diffusion.load(str(Path(run) / "pipeline"))
+
+
+class GANFullFineTuning:
+    """TGAN (Wang et al. 2018, "Transferring GANs"): every weight of G and D trains from the source."""
+
+    name = "full"
+    weight_decay = 0.0
+
+    def __init__(self, settings=None):
+        self.resolved: dict = {"freeze_d": 0}
+
+    def prepare(self, model) -> None:
+        set_trainable(model, lambda name: name.startswith(("generator.", "discriminator.")))
+
+    def parameters(self, model):
+        return trainable(model)
+
+    def save(self, model, out: Path) -> list[Path]:
+        return save_gan_model(model, out, self.name)
+
+
+def save_gan_model(model, out: Path, technique: str) -> list[Path]:
+    from genadapt.families import gan
+
+    return [gan.save(model, Path(out) / "model", extra={"technique": technique})]
+
+
+def load_gan_model_run(load_base, run: Path):
+    from genadapt.families import gan
+
+    return gan.load(str(Path(run) / "model"))
+
+
+register(Technique(
+    name="full",
+    kind="parameter",
+    summary="every weight trains (TGAN for GANs)",
+    families={
+        "diffusion": Implementation(
+            build=DiffusionFullFineTuning, settings=DiffusionFullSettings, learning_rate=1e-5,
+            # A few hundred CPU steps, not the thousands of the GPU recipes: 1e-4 (docs/benchmarks.md).
+            compare={"train": "full", "learning_rate": 1e-4}, load=load_diffusion_pipeline_run,
+        ),
+        "gan": Implementation(build=GANFullFineTuning, settings=NoSettings, learning_rate=GAN_LR, compare={"train": "full"}, load=load_gan_model_run),
+    },
+))

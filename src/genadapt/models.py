@@ -1,0 +1,114 @@
+"""Bases and finished runs as models, and images from either: what sampling, evaluation and compare load.
+
+A run folder says what it is in `run.json` (written by the loop: family, technique, base, artifacts); the
+registered technique's `load` turns the base plus the run's artifact back into the adapted model. Nothing is
+guessed from which files happen to be in the folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from genadapt.errors import UserError
+from genadapt.families import family_module, family_of
+
+RUN_RECORD = "run.json"
+
+
+def is_run(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / RUN_RECORD).is_file() or ((path / "config.yaml").is_file() and not (path / "model_index.json").is_file())
+
+
+def run_record(run: str | Path) -> dict:
+    """What a run folder recorded about itself: {"kind", "family", "train", "base", ...}."""
+    import yaml
+
+    run = Path(run)
+    if (run / RUN_RECORD).is_file():
+        try:
+            return json.loads((run / RUN_RECORD).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{run / RUN_RECORD}: cannot be read ({type(exc).__name__}); rerun the command that made {run}") from None
+    # Runs written before run.json: config.yaml has the family and the technique.
+    config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
+    family = config.get("family") or family_of(str(config.get("base", "pocket-sd")))
+    if config.get("recipe") == "distill":
+        return {"kind": "distill", "family": family, "base": config.get("teacher"), "artifact": "model" if family == "gan" else "pipeline"}
+    return {"kind": "adapt", "family": family, "train": config.get("train") or family_module(family).DEFAULTS["train"],
+            "base": config["base"], "allow_pickle": bool(config.get("allow_pickle"))}
+
+
+def load_base(base: str, device: str | torch.device = "cpu", allow_pickle: bool = False):
+    family = family_of(base)
+    if family == "gan":
+        return family_module("gan").load(base, allow_pickle=allow_pickle, device=device)
+    return family_module("diffusion").load(base, device=device)
+
+
+def load_run(run: str | Path, device: str | torch.device = "cpu"):
+    """The adapted model of a finished run folder, through its technique's registered `load`."""
+    from genadapt import techniques
+
+    run = Path(run)
+    record = run_record(run)
+    family = family_module(record["family"])
+    if record["kind"] == "distill":
+        return family.load(str(run / record["artifact"]), device=device)
+    implementation = techniques.get(record["train"], "parameter", record["family"])
+    if implementation.load is None:
+        raise UserError(f"{run}: technique {record['train']} registers no loader; it cannot be sampled")
+    if not (run / "summary.json").is_file():
+        raise UserError(f"{run}: the run has not finished (no summary.json); rerun its adapt command to finish it")
+
+    def base_model():
+        return load_base(record["base"], device=device, allow_pickle=bool(record.get("allow_pickle")))
+
+    return implementation.load(base_model, run)
+
+
+def load(run_or_base: str, device: str | torch.device = "cpu", allow_pickle: bool = False):
+    """A run folder's adapted model, or a base."""
+    return load_run(run_or_base, device) if is_run(run_or_base) else load_base(run_or_base, device, allow_pickle)
+
+
+def sample(model, n: int, seed: int = 0, prompts: list[str] | None = None, steps: int = 25, guidance: float = 4.0,
+           negative_prompt: str | None = None, truncation: float = 1.0, progress: bool = False) -> torch.Tensor:
+    """`n` images NCHW in [-1, 1], deterministic by seed. Diffusion cycles `prompts`; GANs take none."""
+    if model.family == "gan":
+        return family_module("gan").sample(model, n, seed, truncation=truncation)
+    prompts = prompts or [""]
+    prompts = [prompts[i % len(prompts)] for i in range(n)]
+    return family_module("diffusion").sample(model, prompts, steps=steps, guidance=guidance, seed=seed, negative_prompt=negative_prompt, progress=progress)
+
+
+def run_prompts(run: str | Path) -> list[str]:
+    """The prompts a diffusion run trained on, placeholder tokens included: how to sample it."""
+    run = Path(run)
+    if (run / "prompts.json").is_file():
+        return json.loads((run / "prompts.json").read_text(encoding="utf-8"))
+    manifest = json.loads((run / "manifest.json").read_text(encoding="utf-8"))
+    return [item["caption"] for item in manifest["data"]["train"]["items"]]
+
+
+def run_samples(run: str | Path, n: int, seed: int = 0, steps: int = 25, guidance: float = 4.0):
+    """An ImageSet of n samples of a run; diffusion prompts cycle over the captions it trained on."""
+    from genadapt.data.imageset import image_set
+
+    model = load_run(run)
+    prompts = run_prompts(run) if model.family == "diffusion" else None
+    images = sample(model, n, seed, prompts, steps=steps, guidance=guidance, progress=True)
+    return image_set(f"{run}#samples(seed={seed})", images, [prompts[i % len(prompts)] for i in range(n)] if prompts else None)
+
+
+def base_samples(base: str, n: int, prompts: list[str], seed: int = 0, steps: int = 25):
+    """An ImageSet of n samples of an unadapted base (the baseline), prompts cycled (GANs take none)."""
+    from genadapt.data.imageset import image_set
+
+    model = load_base(base)
+    prompts = prompts if model.family == "diffusion" else None
+    images = sample(model, n, seed, prompts, steps=steps, progress=True)
+    return image_set(f"{base}#samples(seed={seed})", images, [prompts[i % len(prompts)] for i in range(n)] if prompts else None)
