@@ -32,7 +32,7 @@ from genadapt.errors import UserError
 
 FAMILIES = ("diffusion", "gan")
 KINDS = ("parameter", "loss")
-BUILTIN = ("full", "freeze", "lora", "embedding", "prior", "ewc", "relational", "feature", "cdc", "l2sp")
+BUILTIN = ("full", "freeze", "lora", "loha", "lokr", "embedding", "prior", "ewc", "relational", "feature", "cdc", "l2sp")
 
 
 @dataclass
