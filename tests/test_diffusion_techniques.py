@@ -169,3 +169,22 @@ def test_resume_from_a_checkpoint_of_an_older_format_says_what_to_do(base, tmp_p
     state_path.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="cannot be read.*start the run over"):
         _run(base, tmp_path / "old", train="lora", steps=4, checkpointing_steps=2)
+
+
+def test_augment_is_applied_in_pixel_space_before_encoding():
+    from genadapt.recipes.train import AUGMENT_VARIANTS, augmented_pixels
+
+    pixels = torch.rand(3, 3, 8, 8) * 2 - 1
+    same, index = augmented_pixels(pixels, "none", 0)
+    assert same is pixels and index.tolist() == [0, 1, 2]
+    flipped, index = augmented_pixels(pixels, "flip", 0)
+    assert torch.equal(flipped[:3], pixels) and torch.equal(flipped[3:], pixels.flip(-1)) and index.tolist() == [0, 1, 2] * 2
+    varied, index = augmented_pixels(pixels, "diffaugment:translation", 0)
+    assert len(varied) == AUGMENT_VARIANTS * 3 and index.tolist() == [0, 1, 2] * AUGMENT_VARIANTS
+    assert not torch.equal(varied[3:6], pixels) and torch.equal(varied, augmented_pixels(pixels, "diffaugment:translation", 0)[0])
+
+
+def test_a_flip_run_trains_on_both_orientations(base, tmp_path):
+    _run(base, tmp_path / "flip", train="lora", steps=1, augment="flip")
+    summary = json.loads((tmp_path / "flip" / "summary.json").read_text())
+    assert summary["train_variants"] == 2 * summary["train_images"] and "augment: flip" in (tmp_path / "flip" / "config.yaml").read_text()

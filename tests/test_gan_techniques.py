@@ -207,3 +207,37 @@ def test_rosinality_checkpoint_needs_opt_in(base, tmp_path):
     loaded = gan.load(str(path), allow_pickle=True)
     assert torch.equal(gan.sample(loaded, 2, seed=0), gan.sample(model, 2, seed=0))
     assert torch.equal(loaded.discriminator(torch.zeros(4, 3, 32, 32)), model.discriminator(torch.zeros(4, 3, 32, 32)))
+
+
+def test_gan_loop_runs_on_the_accelerators_device(base, tmp_path):
+    from genadapt.recipes import make_accelerator
+
+    accelerator = make_accelerator("no", 1, cpu=True)
+    seen = []
+    original = gan.GANModel.generate
+
+    def recording(self, styles, *args, **kwargs):
+        seen.extend(s.device for s in styles)
+        seen.extend(n.device for n in kwargs.get("noise") or [])
+        return original(self, styles, *args, **kwargs)
+
+    gan.GANModel.generate = recording
+    try:
+        summary = adapt_gan(AdaptConfig(base=base, data=DATA, train="full", steps=2, batch_size=4, num_validation_images=2, out=tmp_path / "r"), accelerator)
+    finally:
+        gan.GANModel.generate = original
+    device = accelerator.device
+    assert summary["device"] == str(device) and json.loads((tmp_path / "r" / "run.json").read_text())["device"] == str(device)
+    model = summary["model"]
+    assert all(p.device == device for _, p in model.named_parameters()) and all(p.device == device for p in model.g_ema.parameters())
+    for optimizer in summary["optimizers"]:
+        states = [v for state in optimizer.state_dict()["state"].values() for v in state.values() if torch.is_tensor(v) and v.ndim]
+        assert states and all(v.device == device for v in states)
+    assert seen and all(d == device for d in seen)
+
+
+def test_two_runs_in_one_process_may_use_different_precisions(base, tmp_path):
+    first = _run(base, tmp_path / "bf16", train="lora", rank=2, steps=1, mixed_precision="bf16")
+    second = _run(base, tmp_path / "fp32", train="lora", rank=2, steps=1)
+    assert first["steps"] == second["steps"] == 1
+    assert yaml.safe_load((tmp_path / "bf16" / "config.yaml").read_text())["mixed_precision"] == "bf16"

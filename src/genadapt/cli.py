@@ -427,7 +427,7 @@ def _compare_help() -> str:
     from genadapt import techniques
 
     return (f"Techniques, comma-separated: diffusion {', '.join(techniques.compare_presets('diffusion'))}; "
-            f"GAN {', '.join(techniques.compare_presets('gan'))}.  [default: all of the family's]")
+            f"GAN {', '.join(techniques.compare_presets('gan'))}.  [default: diffusion lora,embedding,freeze,full,ewc; GAN full,freeze,lora,embedding,ewc,cdc]")
 
 
 GENERATED = {

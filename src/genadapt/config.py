@@ -86,12 +86,14 @@ class AdaptConfig(BaseModel):
     """Everything one `genadapt adapt` run reads. Technique settings (`rank`, `use_dora`, `freeze_d`, ...) are
     passed flat beside these fields and validated by the techniques the run uses."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     base: str = setting("pocket-sd", "pocket-sd, pocket-stylegan2, a diffusers SD/SDXL pipeline folder, a StyleGAN2 model folder or rosinality .pt, or a hub id.", aliases=("--pretrained-model-name-or-path",))
     data: str = setting(..., "Folder of images, or builtin:... spec.", aliases=("--instance-data-dir", "--train-data-dir"))
     out: Path = setting(..., "Run folder; rerun the same command to resume.", aliases=("--output-dir",))
     caption: str | None = setting(None, "Prompt for images without a caption of their own.", DIFFUSION, aliases=("--instance-prompt",))
+    caption_extension: str = setting(".txt", "Sidecar caption extension, kohya's NAME.txt beside NAME.png.", DIFFUSION)
+    caption_column: str = setting("text", "Caption column of metadata.jsonl / metadata.csv (Hugging Face imagefolder).", DIFFUSION)
     shots: int | None = setting(None, "Use a deterministic k-shot subset of the data.", ge=1)
     seed: int = setting(0, "Seed for shots, initialisation, noise and batches.", ge=0, lt=2**63)
     train: str | None = setting(None, "The parameter technique (what trains); --help lists them.  [default: the family's]")
@@ -242,7 +244,10 @@ def _not_read(key: str, family: str, train: str) -> str:
         return f"{flag(key)}: not a setting of genadapt adapt; see genadapt adapt --help"
     here = [(name, kind) for name, kind, f in readers if f == family]
     where = here or [(name, kind) for name, kind, _ in readers]
-    users = ", ".join(dict.fromkeys(f"{'--train' if kind == 'parameter' else '--loss'} {name}" for name, kind in where))
+    groups = {}
+    for name, kind in where:
+        groups.setdefault("--train" if kind == "parameter" else "--loss", []).append(name)
+    users = " or ".join(f"{flag_name} {', '.join(dict.fromkeys(names))}" for flag_name, names in groups.items())
     families = sorted({f for _, _, f in readers if (here and f == family) or not here})
     return f"{flag(key)} applies to {users} on {' and '.join(families)} bases (this run: --train {train} on a {family} base)"
 
@@ -301,7 +306,7 @@ class DistillConfig(BaseModel):
     """Everything one `genadapt distill` run reads; every field is a flag of the same name. A field that only
     one kind or family reads is refused on the others."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     teacher: str = setting("pocket-sd", "pocket-sd, a pipeline folder, an adapt run folder, or a GAN (pocket-stylegan2, a StyleGAN2 folder) for --kind architecture.")
     kind: Literal["progressive", "consistency", "architecture"] = setting(..., "progressive (fewer steps), consistency (LCM-LoRA, 1-4 steps), architecture (BK-SDM; GAN Compression for GANs).")
@@ -398,14 +403,14 @@ def comma_list(value):
 class CompareConfig(BaseModel):
     """Everything one `genadapt compare` reads; every field is a flag of the same name."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     base: str = setting("pocket-sd", "The pretrained model to adapt.")
     data: str = setting(..., "Folder or builtin spec; shots are drawn from it deterministically.")
     reference: str | None = setting(None, "Held-out real images of the target.  [default: hold out --reference-share of --data, by seed]")
     out: Path = setting(Path("runs/compare"), "Folder for runs, results.json and report.html; rerun to resume.")
     shots: list[int] = setting(lambda: [1, 5, 10], "Shot counts, comma-separated or repeated.")
-    techniques: list[str] | None = setting(None, "Techniques, comma-separated or repeated; --help lists them.  [default: the family's compare set]")
+    techniques: list[str] | None = setting(None, "Techniques, comma-separated or repeated; --help lists them.  [default: diffusion lora,embedding,freeze,full,ewc; GAN full,freeze,lora,embedding,ewc,cdc]")
     budget_minutes: float = setting(15.0, "Wall-clock budget; steps per run are planned from a timing probe.", gt=0, allow_inf_nan=False)
     steps: int | None = setting(None, "Train every run this many steps (no timing probe: the same plan on every machine).", ge=1)
     min_steps: int = setting(20, "Drop runs rather than train any below this many steps.", ge=1)
@@ -433,13 +438,13 @@ class CompareConfig(BaseModel):
     @model_validator(mode="after")
     def _resolve(self):
         from genadapt import techniques
-        from genadapt.families import family_of
+        from genadapt.families import family_module, family_of
 
         family = family_of(self.base)
         refuse_unread(self, family)
         presets = techniques.compare_presets(family)
         if self.techniques is None:
-            self.techniques = list(presets)
+            self.techniques = list(family_module(family).COMPARE_TECHNIQUES)
         for name in self.techniques:
             if name not in presets:
                 raise UserError(f"--techniques {name}: not a compare technique for {family} bases; choose from {', '.join(presets)}")

@@ -25,6 +25,8 @@ SDXL_PIPELINE = "StableDiffusionXLPipeline"
 DEFAULTS = {"train": "lora", "steps": 200, "augment": "none", "num_validation_images": 8, "max_grad_norm": 1.0}
 # compare's evaluation grids and generated images are small and quick; every run of a compare takes these.
 COMPARE = {"num_validation_images": 4, "sample_steps": 10}
+# What `compare` runs when --techniques is not given: one of each kind of technique.
+COMPARE_TECHNIQUES = ("lora", "embedding", "freeze", "full", "ewc")
 
 
 def is_base(base: str) -> bool:

@@ -43,6 +43,8 @@ GENERATOR_SIDE = ("generator", "latent_map")  # trained by the G optimiser; the 
 DEFAULTS = {"train": "freeze", "steps": 1000, "augment": "diffaugment", "num_validation_images": 32, "max_grad_norm": 0.0}
 # compare's evaluation grids are small; every run of a compare takes these.
 COMPARE = {}
+# What `compare` runs when --techniques is not given: TGAN, FreezeD, LoRA, MineGAN and the two regularisers.
+COMPARE_TECHNIQUES = ("full", "freeze", "lora", "embedding", "ewc", "cdc")
 
 
 def is_base(base: str) -> bool:

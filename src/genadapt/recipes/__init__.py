@@ -21,6 +21,10 @@ def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: i
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
 
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        cpu = True  # accelerate forms a CPU (gloo) process group only when asked for the CPU
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision", mixed_precision) != mixed_precision and PartialState().num_processes == 1:
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -113,3 +117,21 @@ def check_finite(terms: dict[str, torch.Tensor], step: int, out: Path) -> None:
     for name, value in terms.items():
         if not torch.isfinite(value.detach()).all():
             raise UserError(f"step {step}: loss term {name} is {float(value.detach())}; the run diverged (lower --learning-rate or the term's weight). The last checkpoint in {out / 'checkpoints'} is kept")
+
+
+def check_ranks_agree(model, accelerator) -> str:
+    """A digest of the trained tensors, the same on every process or the run stops: data-parallel training
+    that let the processes drift apart would save one process's weights as if they were the run's."""
+    import hashlib
+
+    from accelerate.utils import gather_object
+
+    digest = hashlib.sha256()
+    for name, value in sorted(trainable_state(model).items()):
+        digest.update(name.encode() + value.float().numpy().tobytes())
+    mine = digest.hexdigest()
+    if accelerator.num_processes > 1:
+        everyone = gather_object([mine])
+        if len(set(everyone)) != 1:
+            raise UserError(f"the {accelerator.num_processes} processes ended with different weights ({', '.join(d[:8] for d in everyone)}); this is a bug, please report it")
+    return mine

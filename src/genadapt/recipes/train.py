@@ -18,7 +18,7 @@ from genadapt import techniques
 from genadapt.config import AdaptConfig
 from genadapt.families import artifact_bytes, diffusion
 from genadapt.recipes import (
-    append_log, check_finite, gather_states, global_slice, load_trainable_state, make_accelerator, process_generators,
+    append_log, check_finite, check_ranks_agree, gather_states, global_slice, load_trainable_state, make_accelerator, process_generators,
     restore_generators, rewrite_log, trainable_state, write_run_record,
 )
 from genadapt.runs import check_resumable, load_checkpoint, save_torch, use_cpu, write_json, write_manifest
@@ -80,7 +80,8 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
     model = diffusion.load(config.base, device=accelerator.device)
     images = load_dataset(
         config.data, resolution=model.resolution, shots=config.shots, seed=config.seed, fit=config.fit,
-        background=config.background, caption=config.caption, strict=config.strict,
+        background=config.background, caption=config.caption, caption_extension=config.caption_extension,
+        caption_column=config.caption_column, strict=config.strict,
     )
     torch.manual_seed(config.seed)  # adapter initialisation draws from the global generator
     technique = techniques.get(config.train, "parameter", "diffusion").build(config.section(config.train))
@@ -197,9 +198,11 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
             _sample_grid(model, config, validation_prompts(config, images.captions, technique), out / "samples" / f"step-{done:06d}.png")
     bar.close()
 
+    weights_digest = check_ranks_agree(model, accelerator)
     trained = technique.trained_parameters(model) if hasattr(technique, "trained_parameters") else sum(p.numel() for p in parameters)
     summary = {"family": "diffusion", "steps": config.steps, "train_seconds": time.time() - started, "trainable_parameters": trained,
-               "device": str(device), "processes": accelerator.num_processes}
+               "device": str(device), "processes": accelerator.num_processes, "weights_sha256": weights_digest,
+               "train_images": len(images), "train_variants": len(latents_mean)}
     if main:
         artifacts = technique.save(model, out)
         summary["artifacts"] = [str(Path(a).relative_to(out)) for a in artifacts]

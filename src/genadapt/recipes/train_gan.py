@@ -45,7 +45,7 @@ from genadapt.families.stylegan2 import (
     lazy_adam_hyperparameters,
 )
 from genadapt.recipes import (
-    append_log, check_finite, gather_states, load_trainable_state, make_accelerator, process_generators, restore_generators,
+    append_log, check_finite, check_ranks_agree, gather_states, load_trainable_state, make_accelerator, process_generators, restore_generators,
     rewrite_log, trainable_state, write_run_record,
 )
 from genadapt.runs import check_resumable, load_checkpoint, progress, save_torch, use_cpu, write_json, write_manifest
@@ -306,12 +306,14 @@ def adapt_gan(config: AdaptConfig, accelerator=None) -> dict:
     bar.close()
     train_seconds = time.time() - started
 
+    weights_digest = check_ranks_agree(model, accelerator)
     summary = {
         "family": "gan",
         "steps": config.steps,
         "train_seconds": train_seconds,
         "device": str(device),
         "processes": processes,
+        "weights_sha256": weights_digest,
         "trainable_parameters": sum(p.numel() for p in g_params + d_params),
         "trainable_generator_parameters": sum(p.numel() for p in g_params),
         "trainable_discriminator_parameters": sum(p.numel() for p in d_params),
