@@ -91,7 +91,7 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
     captions = [technique.caption(c) if hasattr(technique, "caption") else c for c in images.captions]
     model.extras["captions"] = captions
     model.extras["training_metadata"] = {
-        "ss_output_name": out.name, "ss_steps": config.steps, "ss_learning_rate": config.lr, "ss_seed": config.seed,
+        "ss_output_name": config.output_name or out.name, "ss_steps": config.steps, "ss_learning_rate": config.lr, "ss_seed": config.seed,
         "ss_num_train_images": len(images), "ss_sd_model_name": config.base,
     }
     losses = []
