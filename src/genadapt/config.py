@@ -91,7 +91,7 @@ class AdaptConfig(BaseModel):
     base: str = setting("pocket-sd", "pocket-sd, pocket-stylegan2, a diffusers SD/SDXL pipeline folder, a StyleGAN2 model folder or rosinality .pt, or a hub id.", aliases=("--pretrained-model-name-or-path",))
     data: str = setting(..., "Folder of images, or builtin:... spec.", aliases=("--instance-data-dir", "--train-data-dir"))
     out: Path = setting(..., "Run folder; rerun the same command to resume.", aliases=("--output-dir",))
-    output_name: str | None = setting(None, "File stem of the artifacts (the kohya LoRA file, the embedding file and its trigger word, the checkpoint).  [default: the run folder's name]")
+    output_name: str | None = setting(None, "File stem of the artifacts (the kohya LoRA file, the embedding file and its trigger word, the checkpoint).  [default: the run folder's name]", DIFFUSION)
     caption: str | None = setting(None, "Prompt for images without a caption of their own.", DIFFUSION, aliases=("--instance-prompt",))
     caption_extension: str = setting(".txt", "Sidecar caption extension, kohya's NAME.txt beside NAME.png.", DIFFUSION)
     caption_column: str = setting("text", "Caption column of metadata.jsonl / metadata.csv (Hugging Face imagefolder).", DIFFUSION)
