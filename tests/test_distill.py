@@ -14,7 +14,9 @@ import torch
 
 from diffusion_fixtures import build_tiny_pipeline
 from genadapt.families import diffusion
-from genadapt.recipes.distill import DistillConfig, build_student_unet, ddim_trailing, distill
+from genadapt.config import DistillConfig
+from genadapt.recipes.distill import ddim_trailing, distill
+from genadapt.techniques.distill import build_student_unet
 
 PROMPTS = ["a handwritten digit three", "a handwritten digit seven"]
 SMALL = dict(prompts=PROMPTS, num_samples=16, teacher_sample_steps=20, batch_size=4, eval_images=8, reference_steps=20, checkpointing_steps=50, kid_images=64)
@@ -71,6 +73,10 @@ def test_progressive_student_tracks_the_two_step_teacher(teacher, tmp_path):
     assert type(pipeline.scheduler).__name__ == "DDIMScheduler" and pipeline.scheduler.config.timestep_spacing == "trailing"
     assert json.loads((out / "pipeline" / "genadapt.json").read_text())["sampling"]["num_inference_steps"] == 2
     assert (out / "rounds" / "2-steps" / "config.json").is_file()
+    from genadapt.models import load_run, run_record
+
+    assert run_record(out) == {"kind": "distill", "family": "diffusion", "base": teacher, "artifact": "pipeline", "distill_kind": "progressive"}
+    assert load_run(out).unet.config == pipeline.unet.config  # the run folder loads as its artifact
 
 
 def test_consistency_lora_loads_on_the_teacher_and_samples_in_few_steps(teacher, tmp_path):
@@ -80,6 +86,7 @@ def test_consistency_lora_loads_on_the_teacher_and_samples_in_few_steps(teacher,
     teacher_hash = hashlib.sha256(weights.read_bytes()).hexdigest()
     out = distill(DistillConfig(teacher=teacher, kind="consistency", out=str(tmp_path / "lcm"), student_steps=2, num_ddim_timesteps=8, rank=4, steps=200, learning_rate=1e-3, **SMALL))
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == teacher_hash, "distillation must not write into the teacher"
+    assert json.loads((out / "run.json").read_text())["artifact"] is None  # a LoRA on the teacher, not a folder a family loads
     report = _report(out)
     # A consistency function maps z_T onto the teacher's ODE solution in one evaluation (Song et al. 2023,
     # §3; LCM §4): one student step beats two guided teacher DDIM steps (4 UNet evaluations).

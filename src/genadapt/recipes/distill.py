@@ -27,10 +27,14 @@ Guidance. `progressive` and `consistency` students bake the teacher's classifier
 (LCM-LoRA has no w-input; Meng et al. 2023 distil guided teachers the same way), so they sample with
 guidance_scale=1, one UNet evaluation per step. `architecture` students sample with CFG like the teacher.
 
-Run folder: config.yaml, manifest.json, teacher_samples.safetensors, checkpoints/state.pt (resumable:
-rerunning the same config continues, a changed config is refused), log.jsonl, summary.json,
+Run folder: config.yaml, run.json (what the run is; its artifact `pipeline`, or null for consistency,
+whose LoRA loads on the teacher), manifest.json, teacher_samples.safetensors, checkpoints/state.pt
+(resumable: rerunning the same config continues, a changed config is refused), log.jsonl, summary.json,
 report.json (UNet evaluations per image, samples/s, distance to the teacher's many-step samples for the
 same noise and prompts, next to the teacher at the student's step count), samples/*.png.
+
+This module is the loop: teacher, teacher samples, stages, checkpoints, artifact. The losses and the
+students are `genadapt.techniques.distill`; the report's measurements are `genadapt.eval.distill`.
 
 Intended CLI (wired to `distill(DistillConfig(...))`; each flag is the field of the same name, `--prompt`
 (repeatable) fills `prompts`, list flags take comma-separated values):
@@ -55,12 +59,13 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
+from genadapt.config import DistillConfig
 from genadapt.errors import UserError
+from genadapt.eval import distill as judge
 from genadapt.families import diffusion
 from genadapt.runs import check_resumable, load_checkpoint, progress, save_safetensors, save_torch, use_cpu, write_json, write_manifest, write_yaml
 from genadapt.techniques import distill as losses
@@ -68,71 +73,6 @@ from genadapt.techniques import distill as losses
 STATE_FILE = "checkpoints/state.pt"
 REPORT_ONLY = {"eval_images", "reference_steps", "kid_images", "features"}  # change the report, not the training
 SAMPLES_FILE = "teacher_samples.safetensors"
-# diffusers' train_lcm_distill_lora_sd_wds.py: LoRA on every attention, feed-forward and conv layer.
-LCM_LORA_TARGETS = [
-    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
-]  # fmt: skip
-# The papers' learning rates: PD CIFAR-10 config (Adam 5e-5), LCM-LoRA script (AdamW 1e-4),
-# BK-SDM (AdamW 5e-5). Short CPU runs move little at these; raise --learning-rate there.
-DEFAULT_LR = {"progressive": 5e-5, "consistency": 1e-4, "architecture": 5e-5}
-# Student sampling steps: PD/LCM's few-step targets; a BK student samples like its teacher.
-DEFAULT_STUDENT_STEPS = {"progressive": 2, "consistency": 4, "architecture": 25}
-
-
-class DistillConfig(BaseModel):
-    """Everything one `genadapt distill` run needs; every field is a CLI flag of the same name."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    teacher: str = "pocket-sd"  # pocket-sd, a diffusers pipeline folder, or an adapt run folder
-    kind: Literal["progressive", "consistency", "architecture"]
-    out: str
-    data: str | None = None  # the shots: their captions are the prompts
-    prompts: list[str] = Field(default_factory=list)
-    num_samples: int = Field(64, ge=1)  # teacher samples to distil on (prompts cycled)
-    teacher_sample_steps: int = Field(50, ge=1)
-    guidance: float = Field(4.0, ge=1.0)  # teacher CFG scale, diffusers convention (1 = none)
-    steps: int = Field(500, ge=1)  # optimiser steps (per round for progressive)
-    learning_rate: float | None = Field(None, gt=0)
-    batch_size: int = Field(8, ge=1)
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    student_steps: int | None = Field(None, ge=1)  # None: 2 (progressive), 4 (consistency), 25 (architecture)
-    # progressive
-    teacher_steps: int = Field(8, ge=2)  # the first round's teacher DDIM steps
-    prediction_type: Literal["epsilon", "v_prediction"] | None = None  # None: the teacher's
-    # consistency
-    num_ddim_timesteps: int = Field(50, ge=1)  # K; skipping step k = T / K
-    timestep_scaling: float = Field(10.0, gt=0)
-    loss_type: Literal["huber", "l2"] = "huber"
-    huber_c: float = Field(0.001, gt=0)
-    guidance_max: float | None = None  # set: g ~ U[guidance, guidance_max] per sample, as the LCM-LoRA script
-    rank: int = Field(8, ge=1)
-    alpha: float | None = None  # None: = rank (scale 1, as the LCM-LoRA script)
-    lora_targets: list[str] = Field(default_factory=lambda: list(LCM_LORA_TARGETS))
-    lr_warmup_steps: int = Field(0, ge=0)
-    # architecture
-    remove_blocks: list[Literal["layer", "mid", "innermost"]] = Field(default_factory=lambda: ["mid", "innermost"])
-    lambda_task: float = Field(1.0, ge=0)
-    lambda_out: float = Field(1.0, ge=0)
-    lambda_feat: float = Field(1.0, ge=0)
-    student_width: float = Field(0.5, gt=0, le=1)  # GAN teacher: the student's channel multiplier per resolution
-    # report and bookkeeping
-    eval_images: int = Field(8, ge=1)
-    reference_steps: int = Field(50, ge=1)
-    kid_images: int = Field(128, ge=0)  # 0: skip the distribution check (KID to the teacher's many-step samples); else >= 2
-    features: str = "pocket"  # the KID feature space: pocket, an eval-encoder folder, or inception:PATH
-    checkpointing_steps: int = Field(100, ge=1)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-
-    @property
-    def n_steps(self) -> int:
-        return self.student_steps or DEFAULT_STUDENT_STEPS[self.kind]
-
-    @property
-    def lr(self) -> float:
-        return self.learning_rate or DEFAULT_LR[self.kind]
 
 
 def _check(config: DistillConfig, num_train_timesteps: int) -> None:
@@ -166,9 +106,9 @@ def load_teacher(teacher: str) -> diffusion.DiffusionModel:
     distils what the run samples)."""
     path = Path(teacher)
     if (path / "config.yaml").is_file() and not (path / "model_index.json").is_file():
-        from genadapt.api import load_run_model
+        from genadapt.models import load_run
 
-        model = load_run_model(teacher)
+        model = load_run(teacher)
         if getattr(model.unet, "peft_config", None):
             model.pipeline.fuse_lora()
             model.pipeline.unload_lora_weights()  # keeps the fused weights, drops the adapter layers
@@ -342,7 +282,7 @@ def _student_pipeline(model, unet, scheduler):
 
 def _save_pipeline(pipeline, out: Path, info: dict) -> Path:
     model = diffusion.DiffusionModel(pipeline=pipeline, base="", noise_scheduler=None)
-    folder = diffusion.save_pipeline(model, out)
+    folder = diffusion.save(model, out)
     write_json(folder / "genadapt.json", info)
     return folder
 
@@ -396,13 +336,13 @@ def consistency(config, teacher, data, embeds, uncond, out, accelerator, run, ba
     """LCM-LoRA (Luo et al. 2023b): the teacher's UNet plus a LoRA, trained with latent consistency
     distillation; the teacher is the same UNet with the LoRA off (one UNet in memory)."""
     from genadapt.export.lora import save_lora
-    from genadapt.techniques.lora import LoRA
+    from genadapt.techniques.lora import LoRA, LoRASettings
 
     device = accelerator.device
     schedule = losses.Schedule.from_scheduler(teacher.noise_scheduler, device)
     prediction_type = teacher.noise_scheduler.config.prediction_type
     torch.manual_seed(config.seed)  # LoRA initialisation draws from the global generator
-    technique = LoRA(rank=config.rank, alpha=config.alpha, targets=config.lora_targets)
+    technique = LoRA(LoRASettings(rank=config.rank, alpha=config.alpha, lora_targets=config.lora_targets))
     technique.weight_decay = 1e-2  # the LCM-LoRA script's AdamW weight decay
     technique.prepare(teacher)
     teacher.unet.to(device)
@@ -414,9 +354,7 @@ def consistency(config, teacher, data, embeds, uncond, out, accelerator, run, ba
     loss = losses.ConsistencyDistillation(schedule, config.num_ddim_timesteps, config.timestep_scaling, config.loss_type, config.huber_c)
 
     def step_loss(x0, text_embeds, generator):
-        guidance = config.guidance
-        if config.guidance_max is not None:  # the script's w ~ U[w_min, w_max]
-            guidance = (config.guidance + (config.guidance_max - config.guidance) * torch.rand(len(x0), generator=generator)).to(x0.device)
+        guidance = losses.lcm_guidance(config.guidance, config.guidance_max, len(x0), generator, x0.device)
         base = losses.Denoiser(accelerator.unwrap_model(unet), prediction_type, schedule, guidance, uncond, base_only=True)
         return loss(student, base, x0, text_embeds, generator)
 
@@ -439,21 +377,11 @@ def consistency(config, teacher, data, embeds, uncond, out, accelerator, run, ba
     return {"artifact": out / "pytorch_lora_weights.safetensors", "artifacts": [str(a) for a in artifacts], "sampling": sampling}
 
 
-def build_student_unet(teacher_unet, remove: list[str], seed: int = 0):
-    """The BK-SDM student for `remove`, with the teacher's matching tensors copied in."""
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)  # the tensors that stay fresh get diffusers' initialisation
-    student = UNet2DConditionModel.from_config(losses.student_config(teacher_unet.config, remove))
-    init = losses.init_from_teacher(student, teacher_unet)
-    return student, init
-
-
 def architecture(config, teacher, data, embeds, uncond, out, accelerator, run, bar) -> dict:
     """BK-SDM (Kim et al. 2023): blocks removed, weights copied by name, task + output KD + feature KD;
     AdamW at a constant learning rate, as their `kd_train_text_to_image.py`."""
     device = accelerator.device
-    student_unet, init = build_student_unet(teacher.unet, config.remove_blocks, config.seed)
+    student_unet, init = losses.build_student_unet(teacher.unet, config.remove_blocks, config.seed)
     student_unet.to(device).requires_grad_(True)
     teacher.unet.to(device)
     pairs = losses.feature_pairs(student_unet, teacher.unet)
@@ -505,175 +433,6 @@ def architecture(config, teacher, data, embeds, uncond, out, accelerator, run, b
 KINDS = {"progressive": progressive, "consistency": consistency, "architecture": architecture}
 
 
-# --- report: cost and closeness to the teacher ----------------------------------------------------
-
-
-def unet_cost(unet, latents: torch.Tensor, text_embeds: torch.Tensor, repeats: int = 3) -> dict:
-    """Parameters, FLOPs of one evaluation (torch's FlopCounterMode) and its median wall time."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    t = torch.full((len(latents),), 500, device=latents.device)
-    with torch.no_grad():
-        with FlopCounterMode(display=False) as counter:
-            unet(latents, t, text_embeds)
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            unet(latents, t, text_embeds)
-            times.append(time.perf_counter() - started)
-    return {
-        "parameters": sum(p.numel() for p in unet.parameters()),
-        "flops_per_eval": int(counter.get_total_flops()) // len(latents),
-        "ms_per_eval": 1000 * sorted(times)[len(times) // 2] / len(latents),
-        "batch": len(latents),
-    }
-
-
-def _sample(pipeline, prompts, latents, steps, guidance, seed) -> dict:
-    """One timed pipeline run from fixed initial latents; counts UNet rows per image (CFG = 2)."""
-    rows = []
-    handle = pipeline.unet.register_forward_pre_hook(lambda _m, args, kwargs: rows.append(len(args[0] if args else kwargs["sample"])), with_kwargs=True)
-    started = time.perf_counter()
-    try:
-        with torch.no_grad():
-            result = pipeline(
-                prompts,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                latents=latents.clone(),
-                generator=torch.Generator().manual_seed(seed),  # the fresh noise of multistep LCM sampling
-                output_type="latent",
-            )
-    finally:
-        handle.remove()
-    seconds = time.perf_counter() - started
-    return {
-        "latents": result.images.float().cpu(),
-        "info": {
-            "steps": steps,
-            "guidance_scale": guidance,
-            "scheduler": type(pipeline.scheduler).__name__,
-            "unet_evals_per_image": sum(rows) / len(prompts),
-            "seconds": seconds,
-            "samples_per_s": len(prompts) / seconds,
-        },
-    }
-
-
-def _decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return vae.decode(latents.to(vae.device) / vae.config.scaling_factor).sample.float().clamp(-1, 1).cpu()
-
-
-def _distance(a_latents, a_pixels, b_latents, b_pixels) -> dict:
-    pixel_mse = float((a_pixels - b_pixels).square().mean())
-    return {
-        "latent_mse": float((a_latents - b_latents).square().mean()),
-        "pixel_mse": pixel_mse,
-        "psnr_db": float(10 * torch.log10(torch.tensor(4.0 / max(pixel_mse, 1e-12)))),  # pixels span [-1, 1]
-    }
-
-
-def evaluate(config: DistillConfig, prompts: list[str], student_pipeline, student_guidance: float, out: Path, device) -> dict:
-    """Student@n and teacher@n (DDIM, trailing) against the teacher's `reference_steps` samples from
-    the same initial noise and prompts (distill_anchors.md §9.3: trajectory matching makes MSE to the
-    teacher's many-step sample a sample-efficient check). Noise is held out: seed + 1."""
-    from genadapt.grid import save_grid
-
-    teacher = load_teacher(config.teacher)  # a fresh teacher: the artifact is judged as a user loads it
-    teacher.pipeline.to(device)
-    teacher.pipeline.scheduler = ddim_trailing(teacher.pipeline.scheduler.config)
-    eval_prompts = [prompts[i % len(prompts)] for i in range(config.eval_images)]
-    size = teacher.unet.config.sample_size
-    latents = torch.randn((config.eval_images, teacher.unet.config.in_channels, size, size), generator=torch.Generator().manual_seed(config.seed + 1)).to(device)
-
-    runs = {
-        "reference": _sample(teacher.pipeline, eval_prompts, latents, config.reference_steps, config.guidance, config.seed),
-        "teacher_same_steps": _sample(teacher.pipeline, eval_prompts, latents, config.n_steps, config.guidance, config.seed),
-        "student": _sample(student_pipeline, eval_prompts, latents, config.n_steps, student_guidance, config.seed),
-    }
-    if config.kind == "consistency" and config.n_steps != 1:
-        # One step is where a consistency model must land on the teacher's trajectory, f(z_T, T) ≈ ODE(z_T);
-        # LCM's multistep sampler re-noises with fresh noise, so its samples also drift off that trajectory.
-        runs["student_one_step"] = _sample(student_pipeline, eval_prompts, latents, 1, student_guidance, config.seed)
-    if config.kind == "consistency":  # LCM is for 1-4 steps: student and teacher at every fewer step count too
-        for steps in (1, 2):
-            if steps < config.n_steps:
-                runs[f"teacher_{steps}_steps"] = _sample(teacher.pipeline, eval_prompts, latents, steps, config.guidance, config.seed)
-        if config.n_steps > 2:  # one step is student_one_step
-            runs["student_2_steps"] = _sample(student_pipeline, eval_prompts, latents, 2, student_guidance, config.seed)
-    if config.kind == "progressive":  # the trajectory the rounds matched: the first teacher's grid
-        runs["distillation_target"] = _sample(teacher.pipeline, eval_prompts, latents, config.teacher_steps, config.guidance, config.seed)
-    pixels = {name: _decode(teacher.vae, run["latents"]) for name, run in runs.items()}
-    report = {}
-    for name, run in runs.items():
-        entry = dict(run["info"])
-        entry["to_reference"] = _distance(run["latents"], pixels[name], runs["reference"]["latents"], pixels["reference"])
-        if "distillation_target" in runs:
-            entry["to_distillation_target"] = _distance(run["latents"], pixels[name], runs["distillation_target"]["latents"], pixels["distillation_target"])
-        entry["speedup_vs_reference"] = entry["samples_per_s"] / runs["reference"]["info"]["samples_per_s"]
-        report[name] = entry
-        save_grid(pixels[name], out / "samples" / f"{name}-{entry['steps']}-steps.png", columns=min(8, len(eval_prompts)), scale=2)
-
-    probe_latents = latents[: min(4, len(latents))]
-    probe_embeds = diffusion.encode_text(teacher, diffusion.tokenize(teacher, eval_prompts[: len(probe_latents)])).embeds.to(device)
-    if "student_one_step" in report:
-        report["student"]["note"] = (
-            "LCMScheduler re-noises with fresh noise between steps, so multistep samples leave the teacher's trajectory: "
-            "their distance to the reference measures that drift as well as quality; student_one_step is the trajectory check. "
-            "Compare multistep samples by distribution (genadapt evaluate) instead."
-        )
-    if config.kid_images:
-        report["distribution"] = _distribution(config, teacher, student_pipeline, student_guidance, prompts, device)
-    report["unet"] = {"teacher": unet_cost(teacher.unet, probe_latents, probe_embeds), "student": unet_cost(student_pipeline.unet, probe_latents, probe_embeds)}
-    report["eval"] = {
-        "images": config.eval_images,
-        "prompts": list(dict.fromkeys(eval_prompts)),
-        "noise_seed": config.seed + 1,
-        "teacher_scheduler": "DDIMScheduler, timestep_spacing=trailing",
-        "distance": "mean squared error between final samples from the same initial latents and prompts: latents in the UNet's latent space, pixels decoded to [-1, 1]",
-        "samples_per_s": "pipeline call to latents (text encoding and UNet; VAE decoding excluded) on this machine",
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-    }
-    return report
-
-
-def _distribution(config: DistillConfig, teacher, student_pipeline, student_guidance: float, prompts: list[str], device) -> dict:
-    """KID of the student@n and of the teacher's DDIM@n, each against the teacher's `reference_steps`
-    samples drawn from other noise (many prompts, cycled). This is the check for samplers that leave
-    the teacher's trajectory (LCM re-noises between steps), where a same-noise distance misleads.
-    The floor is the teacher's many-step samples from a third noise draw against the same reference."""
-    from genadapt.eval import metrics
-    from genadapt.eval.features import extract, get_extractor
-
-    count = config.kid_images
-    kid_prompts = [prompts[i % len(prompts)] for i in range(count)]
-    size = teacher.unet.config.sample_size
-    extractor = get_extractor(config.features)
-
-    def features(pipeline, steps: int, guidance: float, seed: int) -> torch.Tensor:
-        noise = torch.randn((count, teacher.unet.config.in_channels, size, size), generator=torch.Generator().manual_seed(seed)).to(device)
-        chunks = []  # sample, decode and embed 16 at a time: a 512-px teacher's decoded batch must fit a GPU
-        for i in range(0, count, 16):
-            latents = _sample(pipeline, kid_prompts[i : i + 16], noise[i : i + 16], steps, guidance, seed + i)["latents"]
-            chunks.append(extract(extractor, _decode(teacher.vae, latents), progress=False))
-        return torch.cat(chunks)
-
-    seed = config.seed + 100  # neither the training samples' noise nor the per-noise evaluation's
-    reference = features(teacher.pipeline, config.reference_steps, config.guidance, seed)
-    return {
-        "images": count,
-        "features": extractor.extractor_id,
-        "reference": f"teacher, {config.reference_steps} DDIM steps, guidance {config.guidance}, noise seed {seed}",
-        "kid": {
-            "teacher_reference_steps_other_noise": metrics.kid_with_ci(features(teacher.pipeline, config.reference_steps, config.guidance, seed + 1), reference),
-            "teacher_same_steps": metrics.kid_with_ci(features(teacher.pipeline, config.n_steps, config.guidance, seed + 2), reference),
-            "student": metrics.kid_with_ci(features(student_pipeline, config.n_steps, student_guidance, seed + 2), reference),
-        },
-    }
-
-
 def _notes(config: DistillConfig, teacher) -> list[str]:
     notes = []
     student_type = config.prediction_type or teacher.noise_scheduler.config.prediction_type
@@ -707,34 +466,45 @@ def _student_for_report(config: DistillConfig, result: dict, device):
     return model.pipeline.to(device), 1.0
 
 
+def _teacher_for_report(config: DistillConfig, device):
+    """A fresh teacher on DDIM's trailing grid: the artifact is judged against the teacher as a user loads it."""
+    teacher = load_teacher(config.teacher)
+    teacher.pipeline.to(device)
+    teacher.pipeline.scheduler = ddim_trailing(teacher.pipeline.scheduler.config)
+    return teacher
+
+
 # --- the recipe -----------------------------------------------------------------------------------
 
 
+def record_run(config: DistillConfig, family: str, artifact: str | None, main: bool = True) -> None:
+    """Refuse to continue a checkpoint written with other settings; then config.yaml (what the run used)
+    and run.json (what it is: `genadapt.models.load_run` loads `<family>.load(RUN/<artifact>)`)."""
+    out = Path(config.out)
+    resolved = {"family": family, "recipe": "distill", "base": config.teacher, **json.loads(config.model_dump_json())}
+    check_resumable(out, STATE_FILE, resolved, ignored=REPORT_ONLY)
+    if main:
+        write_yaml(out / "config.yaml", resolved)
+        write_json(out / "run.json", {"kind": "distill", "family": family, "base": config.teacher, "artifact": artifact, "distill_kind": config.kind})
+
+
 def distill(config: DistillConfig, accelerator=None) -> Path:
-    """Distil `config.teacher` into a student of `config.kind`; returns the run folder (resumable)."""
-    from genadapt.families.gan import is_gan_base
-
-    if is_gan_base(config.teacher):
-        if config.kind != "architecture":
-            raise UserError(f"--kind {config.kind}: a GAN teacher ({config.teacher}) has no sampling steps to cut; only --kind architecture applies to GANs")
-        from genadapt.recipes.distill_gan import distill_gan
-
-        return distill_gan(config)
-    from accelerate import Accelerator
+    """Distil the diffusion `config.teacher` into a student of `config.kind`; returns the run folder (resumable)."""
+    from genadapt.grid import save_grid
+    from genadapt.recipes import make_accelerator
 
     use_cpu()
     out = Path(config.out)
-    accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
+    accelerator = accelerator or make_accelerator(config.mixed_precision)
     main = accelerator.is_main_process
     device = accelerator.device
 
     teacher = load_teacher(config.teacher)
     _check(config, teacher.noise_scheduler.config.num_train_timesteps)
     prompts, shots = resolve_prompts(config, teacher)
-    resolved = {"family": "diffusion", "recipe": "distill", "base": config.teacher, **json.loads(config.model_dump_json())}
-    check_resumable(out, STATE_FILE, resolved, ignored=REPORT_ONLY)
+    # LCM-LoRA's artifact is a LoRA on the teacher (load_lora_weights), not a folder a family loads.
+    record_run(config, "diffusion", None if config.kind == "consistency" else "pipeline", main)
     if main:
-        write_yaml(out / "config.yaml", resolved)
         write_json(out / "prompts.json", prompts)
         write_manifest(out, config.seed, {"shots": shots} if shots is not None else {}, {"teacher": config.teacher, "prompts": prompts, "resolution": teacher.resolution})
 
@@ -773,7 +543,10 @@ def distill(config: DistillConfig, accelerator=None) -> Path:
         "prompts": prompts,
     }
     report["notes"] = _notes(config, teacher)
-    report.update(evaluate(config, prompts, student_pipeline, student_guidance, out, device))
+    measured, pixels = judge.evaluate(config, prompts, _teacher_for_report(config, device), student_pipeline, student_guidance, device)
+    report.update(measured)
+    for name, images in pixels.items():
+        save_grid(images, out / "samples" / f"{name}-{measured[name]['steps']}-steps.png", columns=min(8, config.eval_images), scale=2)
     last = run["history"][-1] if run["history"] else {}
     report["training"] = {"stages": stages, "steps_per_stage": config.steps, "seconds_this_session": train_seconds, "final": last}
     if "architecture" in result:

@@ -21,11 +21,16 @@ needs neither, distill_anchors.md §8), the once-for-all supernet / channel sear
 
 Artifact: `model/`, a StyleGAN2 folder (`save_stylegan2`; the teacher's discriminator beside the student,
 so `genadapt adapt --base RUN/model` can fine-tune it). Run folder as the diffusion recipe: config.yaml,
-manifest.json, checkpoints/state.pt (resumable), log.jsonl, summary.json, report.json, samples/*.png.
+run.json (artifact `model`), manifest.json, checkpoints/state.pt (resumable), log.jsonl, summary.json,
+report.json, samples/*.png. The run goes through `accelerate` like the diffusion recipe (its device).
 The report holds parameters, FLOPs and ms per image of both generators, and the student's closeness to
 the teacher on held-out latents (seed + 1, the fixed noise buffers): pixel MSE / PSNR to the teacher's
 image for the same latent, and KID (eval-encoder features) between student and teacher samples, next to
 the teacher-vs-teacher KID of two seeds (the sampling floor).
+
+This module is the loop; the student, adapters and loss are `genadapt.techniques.distill`
+(`build_student_generator`, `gan_compression_adapters`, `GANCompressionDistillation`), the report's
+measurements `genadapt.eval.distill` (`generator_cost`, `quality`).
 """
 
 from __future__ import annotations
@@ -35,153 +40,51 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
-from torch.nn import functional as F
 
+from genadapt.eval import distill as judge
 from genadapt.families import gan
 from genadapt.families.stylegan2 import MIXING_PROB, mixing_noise, save_stylegan2
-from genadapt.families.stylegan2 import sample as sample_stylegan2
-from genadapt.families.stylegan2_nets import Generator
-from genadapt.runs import check_resumable, load_checkpoint, progress, save_torch, write_json, write_manifest, write_yaml
+from genadapt.recipes.distill import STATE_FILE, record_run
+from genadapt.runs import load_checkpoint, progress, save_torch, write_json, write_manifest
+from genadapt.techniques import distill as losses
 
-STATE_FILE = "checkpoints/state.pt"
-DEFAULT_LR = 2e-3  # StyleGAN2's generator learning rate (equalized learning rate makes it scale-free)
 BETAS = (0.9, 0.99)  # a regression target, not a GAN game: usual momentum
 EVAL_SAMPLES = 500  # held-out latents for pixel MSE and KID (at least --eval-images)
-TIMING_BATCH = 16
 
 
-def student_channels(channels: dict[int, int], width: float, size: int) -> dict[int, int]:
-    return {res: max(1, round(ch * width)) for res, ch in sorted(channels.items()) if res <= size}
-
-
-def _slice_init(student: nn.Module, teacher: nn.Module) -> None:
-    """Each student tensor = the teacher's tensor cut to the student's shape (leading channels)."""
-    teacher_state = teacher.state_dict()
-    with torch.no_grad():
-        for key, value in student.state_dict().items():
-            source = teacher_state[key]
-            value.copy_(source[tuple(slice(0, n) for n in value.shape)])
-
-
-def make_student(teacher: Generator, width: float) -> tuple[Generator, dict]:
-    kwargs = {
-        "size": teacher.size,
-        "style_dim": teacher.style_dim,
-        "n_mlp": len(teacher.style) - 1,
-        "lr_mlp": teacher.style[1].lr_mul,
-        "channels": student_channels(teacher.channels, width, teacher.size),
-    }
-    student = Generator(**kwargs)
-    _slice_init(student, teacher)
-    return student, kwargs
-
-
-def make_adapters(student: Generator, teacher: Generator) -> nn.ModuleList:
-    """One 1×1 conv per feature layer, student channels -> teacher channels (GAN Compression's adapters)."""
-    return nn.ModuleList(
-        nn.Conv2d(cs, ct, 1) for (cs, _), (ct, _) in zip(student.feature_shapes(), teacher.feature_shapes())
-    )
-
-
-def draw(teacher: Generator, batch: int, generator: torch.Generator, device):
+def draw(teacher, batch: int, generator: torch.Generator, device):
     """Style-mixed z and per-layer noise, all from `generator` (a resumed run draws the same)."""
     styles, inject_index = mixing_noise(batch, teacher.style_dim, teacher.n_latent, MIXING_PROB, device=device, generator=generator)
     noise = [torch.randn((batch, 1, res, res), generator=generator).to(device) for _, res in teacher.feature_shapes()]
     return styles, inject_index, noise
 
 
-def losses(student, teacher, adapters, styles, inject_index, noise, lambda_out: float, lambda_feat: float) -> dict:
-    with torch.no_grad():
-        target, _, target_feats = teacher(styles, inject_index=inject_index, noise=noise, return_features=True)
-    image, _, feats = student(styles, inject_index=inject_index, noise=noise, return_features=True)
-    pixel = F.l1_loss(image, target)
-    feat = sum(F.mse_loss(adapter(f), t) for adapter, f, t in zip(adapters, feats, target_feats))
-    return {"loss": lambda_out * pixel + lambda_feat * feat, "pixel_l1": pixel, "feature_mse": feat}
-
-
-# --- cost and quality -------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def generator_cost(g: Generator, device, batch: int = TIMING_BATCH, repeats: int = 7) -> dict:
-    """Parameters, FLOPs per image (torch's FlopCounterMode) and median ms per image (fixed noise)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    z = torch.randn((batch, g.style_dim), generator=torch.Generator().manual_seed(0)).to(device)
-    with FlopCounterMode(display=False) as counter:
-        g([z], randomize_noise=False)
-    g([z], randomize_noise=False)  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        g([z], randomize_noise=False)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    synthesis = sum(p.numel() for name, p in g.named_parameters() if not name.startswith("style."))
-    return {
-        "parameters": sum(p.numel() for p in g.parameters()),
-        "synthesis_parameters": synthesis,
-        "flops_per_image": int(counter.get_total_flops()) // batch,
-        "ms_per_image": 1000 * sorted(times)[len(times) // 2] / batch,
-        "batch": batch,
-    }
-
-
-def pixel_distance(a: torch.Tensor, b: torch.Tensor) -> dict:
-    mse = float((a - b).square().mean())
-    return {"pixel_mse": mse, "psnr_db": float(10 * torch.log10(torch.tensor(4.0 / max(mse, 1e-12))))}  # [-1, 1]
-
-
-def quality(student: Generator, teacher: Generator, n: int, seed: int, extractor=None) -> dict:
-    """Student vs teacher on `n` held-out latents (`seed`) with the fixed noise buffers."""
-    from genadapt.eval.features import extract, get_extractor
-    from genadapt.eval.metrics import kid_with_ci
-
-    teacher_images = sample_stylegan2(teacher, n, seed).cpu()
-    student_images = sample_stylegan2(student, n, seed).cpu()
-    report = {"to_teacher_same_latents": pixel_distance(student_images, teacher_images)}
-    extractor = get_extractor(extractor or "pocket")
-    device = next(student.parameters()).device
-    extractor = extractor.to(device)
-    teacher_feats = extract(extractor, teacher_images, progress=False)
-    student_feats = extract(extractor, student_images, progress=False)
-    other_feats = extract(extractor, sample_stylegan2(teacher, n, seed + 1).cpu(), progress=False)
-    report["kid_student_vs_teacher"] = kid_with_ci(student_feats, teacher_feats, seed=seed)
-    report["kid_teacher_vs_teacher_other_seed"] = kid_with_ci(other_feats, teacher_feats, seed=seed)
-    report["extractor"] = getattr(extractor, "extractor_id", type(extractor).__name__)
-    return report, teacher_images, student_images
-
-
-# --- the recipe -------------------------------------------------------------------------------------
-
-
-def distill_gan(config) -> Path:
+def distill_gan(config, accelerator=None) -> Path:
     """Distil the StyleGAN2 `config.teacher` into a `config.student_width`-wide generator; returns the run folder."""
     from genadapt.grid import save_grid
-    from genadapt.recipes.distill import REPORT_ONLY
+    from genadapt.recipes import make_accelerator
 
     out = Path(config.out)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    accelerator = accelerator or make_accelerator(config.mixed_precision)
+    main = accelerator.is_main_process
+    device = accelerator.device
     base = gan.load(config.teacher, device=device)
     teacher = base.g_ema.eval()
     teacher.requires_grad_(False)
     width = config.student_width
-    lr = config.learning_rate or DEFAULT_LR
+    lr = config.lr
 
-    resolved = {"family": "gan", "recipe": "distill", "base": config.teacher, **json.loads(config.model_dump_json())}
-    check_resumable(out, STATE_FILE, resolved, ignored=REPORT_ONLY)
-    write_yaml(out / "config.yaml", resolved)
-    write_manifest(out, config.seed, {}, {"teacher": config.teacher, "resolution": teacher.size, "student_width": width})
+    record_run(config, "gan", "model", main)
+    if main:
+        write_manifest(out, config.seed, {}, {"teacher": config.teacher, "resolution": teacher.size, "student_width": width})
 
-    student, student_kwargs = make_student(teacher, width)
+    student, student_kwargs = losses.build_student_generator(teacher, width)
     student = student.to(device).train()
-    adapters = make_adapters(student, teacher).to(device)
+    adapters = losses.gan_compression_adapters(student, teacher).to(device)
+    loss = losses.GANCompressionDistillation(adapters, config.lambda_out, config.lambda_feat)
     parameters = list(student.parameters()) + list(adapters.parameters())
     optimizer = torch.optim.Adam(parameters, lr=lr, betas=BETAS)
+    prepared, optimizer = accelerator.prepare(student, optimizer)
     generator = torch.Generator().manual_seed(config.seed)
     history: list[dict] = []
     start = 0
@@ -191,7 +94,7 @@ def distill_gan(config) -> Path:
 
     def held_out() -> dict:
         with torch.no_grad():
-            terms = losses(student, teacher, adapters, *probe, config.lambda_out, config.lambda_feat)
+            terms = loss(student, teacher, *probe)
         return {name: float(value) for name, value in terms.items()}
 
     if (out / STATE_FILE).is_file():
@@ -216,23 +119,25 @@ def distill_gan(config) -> Path:
     bar = progress(config.steps, start, f"distill architecture (gan, width {width})")
     started = time.time()
     for step in range(start, config.steps):
-        styles, inject_index, noise = draw(teacher, config.batch_size, generator, device)
-        terms = losses(student, teacher, adapters, styles, inject_index, noise, config.lambda_out, config.lambda_feat)
+        terms = loss(prepared, teacher, *draw(teacher, config.batch_size, generator, device))
         optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
+        accelerator.backward(terms["loss"])
         if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+            accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
         optimizer.step()
         record = {"step": step + 1, **{name: float(value.detach()) for name, value in terms.items()}}
         history.append(record)
         bar.update(1)
         bar.set_postfix_str(f"loss={record['loss']:.4g}")
-        if (step + 1) % config.checkpointing_steps == 0 or step + 1 == config.steps:
+        if main and ((step + 1) % config.checkpointing_steps == 0 or step + 1 == config.steps):
             checkpoint(step + 1)
     bar.close()
     train_seconds = time.time() - started
     student.eval()
     after = held_out()
+    accelerator.wait_for_everyone()
+    if not main:
+        return out
 
     folder = save_stylegan2(
         out / "model", student, base.discriminator, student_kwargs, gan._module_kwargs(base.config["discriminator"]),
@@ -243,14 +148,9 @@ def distill_gan(config) -> Path:
     loaded = gan.load(str(folder), device=device).g_ema  # judged as a user loads it
     n_eval = max(config.eval_images, EVAL_SAMPLES)
     report = {"kind": "architecture", "family": "gan", "teacher": config.teacher, "student_width": width}
-    report["generator"] = {"teacher": generator_cost(teacher, device), "student": generator_cost(loaded, device)}
-    t, s = report["generator"]["teacher"], report["generator"]["student"]
-    report["speedup"] = {
-        "ms_per_image": t["ms_per_image"] / s["ms_per_image"],
-        "flops": t["flops_per_image"] / max(1, s["flops_per_image"]),
-        "parameters": t["parameters"] / s["parameters"],
-    }
-    scores, teacher_images, student_images = quality(loaded, teacher, n_eval, config.seed + 1)
+    report["generator"] = {"teacher": judge.generator_cost(teacher, device), "student": judge.generator_cost(loaded, device)}
+    report["speedup"] = judge.speedup(report["generator"]["teacher"], report["generator"]["student"])
+    scores, teacher_images, student_images = judge.quality(loaded, teacher, n_eval, config.seed + 1)
     report["quality"] = scores
     report["eval"] = {
         "samples": n_eval,
@@ -284,5 +184,6 @@ def distill_gan(config) -> Path:
         "student_width": width, "speedup_ms_per_image": report["speedup"]["ms_per_image"],
         "pixel_mse_to_teacher": scores["to_teacher_same_latents"]["pixel_mse"],
         "kid_student_vs_teacher": scores["kid_student_vs_teacher"]["value"],
+        "device": str(device),
     })
     return out

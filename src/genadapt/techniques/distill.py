@@ -9,8 +9,11 @@ DDIM run, where diffusers' DDIMScheduler uses `final_alpha_cumprod`.
 - `ConsistencyDistillation`: Luo et al. 2023 (LCM), Algorithm 1 as coded in diffusers'
   `train_lcm_distill_lora_sd_wds.py`, the LCM-LoRA variant (Luo et al. 2023b): no target network.
 - `ArchitecturalDistillation`: Kim et al. 2023 (BK-SDM), §3.2: task + output KD + feature KD.
+- `GANCompressionDistillation`: Li et al. CVPR 2020 (GAN Compression), §3.1: output L1 + feature KD
+  through learned 1×1 convolutions, for a narrower StyleGAN2 generator.
 
-Each returns a dict of named terms with the total under "loss", so every term is logged.
+Each returns a dict of named terms with the total under "loss", so every term is logged. The students
+are built here too: BK-SDM's UNet with blocks removed, GAN Compression's generator with fewer channels.
 """
 
 from __future__ import annotations
@@ -217,6 +220,14 @@ class ConsistencyDistillation:
         return {"loss": loss}
 
 
+def lcm_guidance(low: float, high: float | None, batch: int, generator: torch.Generator, device=None) -> float | torch.Tensor:
+    """The CFG scale of LCM's teacher: `low`, or per sample w ~ U[w_min, w_max] (Luo et al. 2023, Algorithm 1:
+    ω ~ U[ω_min, ω_max], as the LCM-LoRA script `train_lcm_distill_lora_sd_wds.py` draws it)."""
+    if high is None:
+        return low
+    return (low + (high - low) * torch.rand(batch, generator=generator)).to(device)
+
+
 def _feature(output):
     """A hooked module's main output: blocks return (hidden, skips), transformers a dataclass."""
     if isinstance(output, tuple):
@@ -363,6 +374,16 @@ def init_from_teacher(student: torch.nn.Module, teacher: torch.nn.Module) -> dic
     return {"copied": copied, "fresh": fresh, "mapping": mapping}
 
 
+def build_student_unet(teacher_unet, remove: list[str], seed: int = 0):
+    """The BK-SDM student for `remove`, with the teacher's matching tensors copied in."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)  # the tensors that stay fresh get diffusers' initialisation
+    student = UNet2DConditionModel.from_config(student_config(teacher_unet.config, remove))
+    init = init_from_teacher(student, teacher_unet)
+    return student, init
+
+
 def feature_pairs(student: torch.nn.Module, teacher: torch.nn.Module) -> list[tuple[str, str]]:
     """BK-SDM's feature-KD taps: the output of every down and up stage (student name, teacher name).
     A down stage that lost its downsampler (the new last stage) is tapped at its last layer, as
@@ -382,3 +403,66 @@ def feature_pairs(student: torch.nn.Module, teacher: torch.nn.Module) -> list[tu
         pairs.append((f"up_blocks.{index}", teacher_name(f"up_blocks.{index}", student_config_, teacher_config)))
     return pairs
 
+
+# --- GAN Compression: a narrower StyleGAN2 generator that imitates its teacher -----------------------
+
+
+def student_channels(channels: dict[int, int], width: float, size: int) -> dict[int, int]:
+    """`round(width · channels)` (at least 1) at every synthesis resolution up to `size`."""
+    return {res: max(1, round(ch * width)) for res, ch in sorted(channels.items()) if res <= size}
+
+
+def slice_init(student: torch.nn.Module, teacher: torch.nn.Module) -> None:
+    """Each student tensor = the teacher's tensor cut to the student's shape (leading channels), as
+    GAN Compression's sub-networks share a once-for-all supernet's leading channels (Li et al. CVPR 2020)."""
+    teacher_state = teacher.state_dict()
+    with torch.no_grad():
+        for key, value in student.state_dict().items():
+            source = teacher_state[key]
+            value.copy_(source[tuple(slice(0, n) for n in value.shape)])
+
+
+def build_student_generator(teacher, width: float):
+    """(student, its Generator kwargs): the teacher's resolution, style_dim and mapping network, every
+    synthesis resolution `width` times as wide, initialised by `slice_init`."""
+    from genadapt.families.stylegan2_nets import Generator
+
+    kwargs = {
+        "size": teacher.size,
+        "style_dim": teacher.style_dim,
+        "n_mlp": len(teacher.style) - 1,
+        "lr_mlp": teacher.style[1].lr_mul,
+        "channels": student_channels(teacher.channels, width, teacher.size),
+    }
+    student = Generator(**kwargs)
+    slice_init(student, teacher)
+    return student, kwargs
+
+
+def gan_compression_adapters(student, teacher) -> torch.nn.ModuleList:
+    """GAN Compression's f_l (Li et al. CVPR 2020, §3.1): one learnable 1×1 conv per feature layer, student
+    channels -> teacher channels, trained with the student and dropped after training."""
+    return torch.nn.ModuleList(
+        torch.nn.Conv2d(cs, ct, 1) for (cs, _), (ct, _) in zip(student.feature_shapes(), teacher.feature_shapes())
+    )
+
+
+class GANCompressionDistillation:
+    """GAN Compression (Li et al. CVPR 2020, §3.1) without its GAN term, for StyleGAN2:
+    L = λ_out ‖G_S(z, n) − G_T(z, n)‖₁ + λ_feat Σ_l ‖f_l(A_S,l) − A_T,l‖²
+    on the same style-mixed z and per-layer noise n for both generators; A_l are the activations
+    `Generator.forward(..., return_features=True)` returns (conv1, then every synthesis conv), f_l the
+    1×1 adapters (`gan_compression_adapters`). L1 and MSE with mean reduction. λ_out and λ_feat are the
+    paper's λ_recon and λ_distill; its λ_gan·L_GAN needs real images and a discriminator, so it is left out.
+    """
+
+    def __init__(self, adapters: torch.nn.ModuleList, lambda_out: float = 1.0, lambda_feat: float = 1.0):
+        self.adapters, self.lambda_out, self.lambda_feat = adapters, lambda_out, lambda_feat
+
+    def __call__(self, student, teacher, styles, inject_index, noise) -> dict:
+        with torch.no_grad():
+            target, _, target_feats = teacher(styles, inject_index=inject_index, noise=noise, return_features=True)
+        image, _, feats = student(styles, inject_index=inject_index, noise=noise, return_features=True)
+        pixel = F.l1_loss(image, target)
+        feat = sum(F.mse_loss(adapter(f), t) for adapter, f, t in zip(self.adapters, feats, target_feats))
+        return {"loss": self.lambda_out * pixel + self.lambda_feat * feat, "pixel_l1": pixel, "feature_mse": feat}
