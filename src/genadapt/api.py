@@ -42,7 +42,7 @@ def load_run_model(run_or_model: str, loras: list[tuple[str, float]] | None = No
     return model
 
 
-def sample(run_or_model: str, prompts: list[str] | None = None, n: int = 16, steps: int = 25, guidance: float = 4.0, seed: int = 0,
+def sample(run_or_model: str, prompts: list[str] | None = None, n: int = 16, steps: int | None = None, guidance: float | None = None, seed: int = 0,
            loras=None, out: Path | None = None, negative_prompt: str | None = None, truncation: float = 1.0):
     """n images NCHW in [-1, 1] (prompts cycled; GANs take none); with `out`, also a grid PNG."""
     from genadapt import models

@@ -21,7 +21,7 @@ import click
 import typer
 
 from genadapt import __version__
-from genadapt.errors import UserError
+from genadapt.errors import Interrupted, UserError
 
 typer_app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None, help="Adapt pretrained generators to 1-1000 images.")
 data_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Look at data before training on it.")
@@ -43,8 +43,11 @@ def user_errors(command):
                 raise
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
+        except Interrupted as exc:
+            typer.echo(str(exc), err=True)
+            raise typer.Exit(130) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted; rerun the same command to resume", err=True)
+            typer.echo("interrupted; rerun the same command to resume from the last checkpoint", err=True)
             raise typer.Exit(130) from None
 
     return wrapper
@@ -152,8 +155,8 @@ def sample(
     prompt_file: Optional[Path] = typer.Option(None, help="A text file with one prompt a line (added to --prompt)."),
     negative_prompt: Optional[str] = typer.Option(None, help="What the images should not show (diffusion)."),
     n: int = typer.Option(16, "-n", "--num-images", help="How many images."),
-    steps: int = typer.Option(25, help="Sampler steps (diffusion)."),
-    guidance: float = typer.Option(4.0, "--guidance", "--guidance-scale", help="Classifier-free guidance scale (diffusion)."),
+    steps: Optional[int] = typer.Option(None, help="Sampler steps (diffusion).  [default: 25; a distilled student: its own]"),
+    guidance: Optional[float] = typer.Option(None, "--guidance", "--guidance-scale", help="Classifier-free guidance scale (diffusion).  [default: 4; a distilled student: its own]"),
     truncation: float = typer.Option(1.0, help="GAN truncation ψ (1: none)."),
     seed: int = typer.Option(0, help="Seed; the same seed gives the same images."),
     lora: list[str] = typer.Option([], help="Add a LoRA run or file with a weight, RUN:WEIGHT (repeatable, composable)."),
@@ -164,7 +167,7 @@ def sample(
 
     if n < 1:
         raise UserError(f"-n {n}: ask for at least one image")
-    if steps < 1:
+    if steps is not None and steps < 1:
         raise UserError(f"--steps {steps}: the sampler needs at least one step")
     prompts = list(prompt)
     if prompt_file is not None:

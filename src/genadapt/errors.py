@@ -11,3 +11,7 @@ class UserError(Exception):
 
 class DataError(UserError):
     """A data folder, image file or caption file cannot be used."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM during training: the run checkpointed the last finished step and stopped."""

@@ -57,7 +57,14 @@ def load_run(run: str | Path, device: str | torch.device = "cpu"):
     record = run_record(run)
     family = family_module(record["family"])
     if record["kind"] == "distill":
-        return family.load(str(run / record["artifact"]), device=device)
+        if not record.get("artifact"):
+            return _lcm_lora_run(run, record, device)
+        model = family.load(str(run / record["artifact"]), device=device)
+        info = run / record["artifact"] / "genadapt.json"
+        if info.is_file():  # a fewer-step student samples at its own step count and guidance
+            sampling = json.loads(info.read_text(encoding="utf-8")).get("sampling", {})
+            model.extras["sampling"] = {"steps": sampling.get("num_inference_steps", 25), "guidance": sampling.get("guidance_scale", 4.0)}
+        return model
     implementation = techniques.get(record["train"], "parameter", record["family"])
     if implementation.load is None:
         raise UserError(f"{run}: technique {record['train']} registers no loader; it cannot be sampled")
@@ -70,14 +77,34 @@ def load_run(run: str | Path, device: str | torch.device = "cpu"):
     return implementation.load(base_model, run)
 
 
+def _lcm_lora_run(run: Path, record: dict, device):
+    """A consistency-distillation run: its teacher with the LCM-LoRA loaded and the LCM scheduler it was
+    distilled for; `model.extras["sampling"]` holds the steps and guidance it samples with (genadapt.json)."""
+    from diffusers import LCMScheduler
+
+    from genadapt.techniques.lora import add_lora_file
+
+    info = json.loads((run / "genadapt.json").read_text(encoding="utf-8"))["sampling"]
+    model = load(record["base"], device)
+    add_lora_file(model, run / "pytorch_lora_weights.safetensors", "lcm", 1.0)
+    options = {k: info[k] for k in ("original_inference_steps", "timestep_scaling") if k in info}
+    model.pipeline.scheduler = LCMScheduler.from_config(model.pipeline.scheduler.config, **options)
+    model.extras["sampling"] = {"steps": info.get("num_inference_steps", 4), "guidance": info.get("guidance_scale", 1.0)}
+    return model
+
+
 def load(run_or_base: str, device: str | torch.device = "cpu", allow_pickle: bool = False):
     """A run folder's adapted model, or a base."""
     return load_run(run_or_base, device) if is_run(run_or_base) else load_base(run_or_base, device, allow_pickle)
 
 
-def sample(model, n: int, seed: int = 0, prompts: list[str] | None = None, steps: int = 25, guidance: float = 4.0,
+def sample(model, n: int, seed: int = 0, prompts: list[str] | None = None, steps: int | None = None, guidance: float | None = None,
            negative_prompt: str | None = None, truncation: float = 1.0, progress: bool = False) -> torch.Tensor:
-    """`n` images NCHW in [-1, 1], deterministic by seed. Diffusion cycles `prompts`; GANs take none."""
+    """`n` images NCHW in [-1, 1], deterministic by seed. Diffusion cycles `prompts`; GANs take none. Steps and
+    guidance default to what a distilled student was made for, else 25 and 4."""
+    defaults = getattr(model, "extras", {}).get("sampling", {})
+    steps = steps if steps is not None else defaults.get("steps", 25)
+    guidance = guidance if guidance is not None else defaults.get("guidance", 4.0)
     if model.family == "gan":
         return family_module("gan").sample(model, n, seed, truncation=truncation)
     prompts = prompts or [""]
@@ -94,7 +121,7 @@ def run_prompts(run: str | Path) -> list[str]:
     return [item["caption"] for item in manifest["data"]["train"]["items"]]
 
 
-def run_samples(run: str | Path, n: int, seed: int = 0, steps: int = 25, guidance: float = 4.0):
+def run_samples(run: str | Path, n: int, seed: int = 0, steps: int | None = None, guidance: float | None = None):
     """An ImageSet of n samples of a run; diffusion prompts cycle over the captions it trained on."""
     from genadapt.data.imageset import image_set
 
@@ -104,7 +131,7 @@ def run_samples(run: str | Path, n: int, seed: int = 0, steps: int = 25, guidanc
     return image_set(f"{run}#samples(seed={seed})", images, [prompts[i % len(prompts)] for i in range(n)] if prompts else None)
 
 
-def base_samples(base: str, n: int, prompts: list[str], seed: int = 0, steps: int = 25):
+def base_samples(base: str, n: int, prompts: list[str], seed: int = 0, steps: int | None = None):
     """An ImageSet of n samples of an unadapted base (the baseline), prompts cycled (GANs take none)."""
     from genadapt.data.imageset import image_set
 

@@ -11,15 +11,41 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def readable_mode() -> int:
+    """0644 under the usual umask: a ComfyUI/A1111 server running as another user can read what we write
+    (mkstemp's 0600 would lock it out)."""
+    return 0o666 & ~_umask()
+
+
 def atomic_write(path: Path, write) -> Path:
-    """Write via a temp file in the same folder, then rename: a finished file is never half-written."""
+    """Write via a temp file in the same folder, then rename: a finished file is never half-written, and a
+    failed write (disk full) leaves the previous version and no temp file behind."""
+    from genadapt.runfolder import disk_full_error
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
         write(Path(temporary))
+        os.chmod(temporary, readable_mode())
         os.replace(temporary, path)
+    except OSError as exc:
+        full = disk_full_error(exc, path, path.stat().st_size if path.is_file() else None)
+        if full is not None:
+            raise full from None
+        raise
+    except RuntimeError as exc:  # torch.save reports a failed write as RuntimeError ("file write failed")
+        full = disk_full_error(OSError(28, str(exc)), path, path.stat().st_size if path.is_file() else None) if "write" in str(exc) else None
+        if full is not None:
+            raise full from None
+        raise
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)

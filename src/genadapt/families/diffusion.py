@@ -284,10 +284,23 @@ def save(model: DiffusionModel, out: Path) -> Path:
     import os
     import shutil
 
+    from genadapt.runfolder import disk_full_error
+    from genadapt.runs import readable_mode
+
     out = Path(out)
     staging = out.with_name(out.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    model.pipeline.save_pretrained(staging, safe_serialization=True)
+    try:
+        model.pipeline.save_pretrained(staging, safe_serialization=True)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        full = disk_full_error(exc, out)
+        if full is not None:
+            raise full from None
+        raise
+    for file in staging.rglob("*"):
+        if file.is_file():
+            os.chmod(file, readable_mode())
     shutil.rmtree(out, ignore_errors=True)
     os.replace(staging, out)
     return out

@@ -35,14 +35,23 @@ def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: i
 
 
 def adapt(config):
-    """One adapt run on the family its base belongs to; returns the loop's summary."""
-    if config.family == "gan":
-        from genadapt.recipes.train_gan import adapt_gan
+    """One adapt run on the family its base belongs to, as the only writer of its folder; returns the loop's summary."""
+    import contextlib
+    import os
 
-        return adapt_gan(config)
-    from genadapt.recipes.train import adapt_diffusion
+    from genadapt.runfolder import RunLock, prepare_out
 
-    return adapt_diffusion(config)
+    main = int(os.environ.get("RANK", "0")) == 0
+    if main:
+        prepare_out(config.out, config.data)
+    with RunLock(config.out) if main else contextlib.nullcontext():
+        if config.family == "gan":
+            from genadapt.recipes.train_gan import adapt_gan
+
+            return adapt_gan(config)
+        from genadapt.recipes.train import adapt_diffusion
+
+        return adapt_diffusion(config)
 
 
 def global_slice(draw, batch: int, accelerator):
@@ -135,3 +144,48 @@ def check_ranks_agree(model, accelerator) -> str:
         if len(set(everyone)) != 1:
             raise UserError(f"the {accelerator.num_processes} processes ended with different weights ({', '.join(d[:8] for d in everyone)}); this is a bug, please report it")
     return mine
+
+
+class GracefulStop:
+    """Ctrl-C (SIGINT) or SIGTERM while training: the current step finishes, the loop checkpoints and stops
+    with a resume hint. A second Ctrl-C stops at once (the last checkpoint is still there)."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self):
+        self.flag = False
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        if self.flag:
+            raise KeyboardInterrupt
+        self.flag = True
+
+    def __enter__(self) -> "GracefulStop":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                number = getattr(signal, name)
+                self.previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def requested(self, accelerator) -> bool:
+        """Whether any process was asked to stop (every process stops at the same step)."""
+        if accelerator.num_processes == 1:
+            return self.flag
+        flag = torch.tensor([1.0 if self.flag else 0.0], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def stopped(step: int, out: Path):
+    from genadapt.errors import Interrupted
+
+    return Interrupted(f"interrupted after step {step}: checkpoint saved in {Path(out) / 'checkpoints'}; rerun the same command to resume")

@@ -18,9 +18,10 @@ from genadapt import techniques
 from genadapt.config import AdaptConfig
 from genadapt.families import artifact_bytes, diffusion
 from genadapt.recipes import (
-    append_log, check_finite, check_ranks_agree, gather_states, global_slice, load_trainable_state, make_accelerator, process_generators,
-    restore_generators, rewrite_log, trainable_state, write_run_record,
+    GracefulStop, append_log, check_finite, check_ranks_agree, gather_states, global_slice, load_trainable_state, make_accelerator,
+    process_generators, restore_generators, rewrite_log, stopped, trainable_state, write_run_record,
 )
+from genadapt.runfolder import check_not_shorter, check_same_data, data_digest
 from genadapt.runs import check_resumable, load_checkpoint, save_torch, use_cpu, write_json, write_manifest
 from genadapt.techniques import Step
 
@@ -102,9 +103,10 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
 
     resolved = config.resolved()
     check_resumable(out, STATE_FILE, resolved, ignored={"steps"})  # a longer run continues a shorter one
+    check_same_data(out, STATE_FILE, images)
     if main:
         write_run_record(out, config, "diffusion", device=str(accelerator.device), processes=accelerator.num_processes)
-        write_manifest(out, config.seed, {"train": images}, {"base": config.base, "resolution": model.resolution})
+        write_manifest(out, config.seed, {"train": images}, {"base": config.base, "resolution": model.resolution, "data_sha256": data_digest(images)})
 
     pixels, source_index = augmented_pixels(images.tensors(), config.augment, config.seed)
     latents_mean, latents_std = diffusion.encode_images(model, pixels)
@@ -140,62 +142,71 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         restore_generators(state, shared, local, accelerator, state_path)
         start, history = state["step"], state["history"]
+        check_not_shorter(start, config.steps, out)
     if main:
         rewrite_log(out, history)  # steps after the last checkpoint are run again
+
+    def checkpoint(done: int) -> None:
+        locals_ = gather_states(local, accelerator)
+        if main:
+            save_torch(state_path, {
+                "trainable": trainable_state(model), "optimizer": optimizer.state_dict(), "shared_generator": shared.get_state(),
+                "local_generators": locals_, "step": done, "history": history,
+            })
 
     device = accelerator.device
     bar = tqdm(total=config.steps, initial=start, desc=f"adapt {config.train}", unit="step", disable=not main, dynamic_ncols=True)
     started = time.time()
     timesteps_total = model.noise_scheduler.config.num_train_timesteps
-    for step_index in range(start, config.steps):
-        index = global_slice(lambda n: torch.randint(len(latents_mean), (n,), generator=shared), config.batch_size, accelerator)
-        shape = latents_mean.shape[1:]
-        posterior_noise = global_slice(lambda n: torch.randn((n, *shape), generator=shared), config.batch_size, accelerator)
-        noise = global_slice(lambda n: torch.randn((n, *shape), generator=shared), config.batch_size, accelerator)
-        timesteps = global_slice(lambda n: torch.randint(0, timesteps_total, (n,), generator=shared), config.batch_size, accelerator)
-        latents = (latents_mean[index] + latents_std[index] * posterior_noise) * scale
-        noisy, noise, timesteps = diffusion.add_noise(model, latents, shared, timesteps=timesteps, noise=noise)
-        with accelerator.accumulate(unet):
-            text = cached_text[index] if cached_text is not None else diffusion.encode_text(model, token_ids[index], text_encoders)
-            batch_sizes = None if sizes is None else sizes[index]
-            prediction = diffusion.predict(model, unet, noisy.to(device), timesteps, text, batch_sizes)
-            target = diffusion.target_for(model, latents, noise, timesteps).to(prediction.device)
-            terms = {"denoise": diffusion.denoise_loss(prediction, target)}
-            step = Step(
-                index=step_index,
-                model=model,
-                batch={"latents": latents, "token_ids": token_ids[index], "text": text, "sizes": batch_sizes, "index": source_index[index]},
-                outputs={"noisy": noisy, "noise": noise, "timesteps": timesteps, "prediction": prediction, "target": target},
-                generator=local,
-            )
-            total = terms["denoise"]
-            for weight, loss_technique in losses:
-                for name, value in loss_technique.loss(step).items():
-                    terms[name] = value
-                    total = total + weight * value.to(total.device)
-            check_finite(terms, step_index + 1, out)
-            accelerator.backward(total)
-            if accelerator.sync_gradients and config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    with GracefulStop() as stop:
+        for step_index in range(start, config.steps):
+            index = global_slice(lambda n: torch.randint(len(latents_mean), (n,), generator=shared), config.batch_size, accelerator)
+            shape = latents_mean.shape[1:]
+            posterior_noise = global_slice(lambda n: torch.randn((n, *shape), generator=shared), config.batch_size, accelerator)
+            noise = global_slice(lambda n: torch.randn((n, *shape), generator=shared), config.batch_size, accelerator)
+            timesteps = global_slice(lambda n: torch.randint(0, timesteps_total, (n,), generator=shared), config.batch_size, accelerator)
+            latents = (latents_mean[index] + latents_std[index] * posterior_noise) * scale
+            noisy, noise, timesteps = diffusion.add_noise(model, latents, shared, timesteps=timesteps, noise=noise)
+            with accelerator.accumulate(unet):
+                text = cached_text[index] if cached_text is not None else diffusion.encode_text(model, token_ids[index], text_encoders)
+                batch_sizes = None if sizes is None else sizes[index]
+                prediction = diffusion.predict(model, unet, noisy.to(device), timesteps, text, batch_sizes)
+                target = diffusion.target_for(model, latents, noise, timesteps).to(prediction.device)
+                terms = {"denoise": diffusion.denoise_loss(prediction, target)}
+                step = Step(
+                    index=step_index,
+                    model=model,
+                    batch={"latents": latents, "token_ids": token_ids[index], "text": text, "sizes": batch_sizes, "index": source_index[index]},
+                    outputs={"noisy": noisy, "noise": noise, "timesteps": timesteps, "prediction": prediction, "target": target},
+                    generator=local,
+                )
+                total = terms["denoise"]
+                for weight, loss_technique in losses:
+                    for name, value in loss_technique.loss(step).items():
+                        terms[name] = value
+                        total = total + weight * value.to(total.device)
+                check_finite(terms, step_index + 1, out)
+                accelerator.backward(total)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    norm = accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
+                    check_finite({"gradient norm": torch.as_tensor(norm)}, step_index + 1, out)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
 
-        done = step_index + 1
-        record = {"step": done, "loss": float(total.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
-        history.append(record)
-        if main:
-            append_log(out, record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.4f}")
-        if done % config.checkpointing_steps == 0 or done == config.steps:
-            locals_ = gather_states(local, accelerator)
+            done = step_index + 1
+            record = {"step": done, "loss": float(total.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
+            history.append(record)
             if main:
-                save_torch(state_path, {
-                    "trainable": trainable_state(model), "optimizer": optimizer.state_dict(), "shared_generator": shared.get_state(),
-                    "local_generators": locals_, "step": done, "history": history,
-                })
-        if main and config.sample_every and done % config.sample_every == 0 and done != config.steps:
-            _sample_grid(model, config, validation_prompts(config, images.captions, technique), out / "samples" / f"step-{done:06d}.png")
+                append_log(out, record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            stopping = stop.requested(accelerator)
+            if done % config.checkpointing_steps == 0 or done == config.steps or stopping:
+                checkpoint(done)
+            if stopping and done != config.steps:
+                raise stopped(done, out)
+            if main and config.sample_every and done % config.sample_every == 0 and done != config.steps:
+                _sample_grid(model, config, validation_prompts(config, images.captions, technique), out / "samples" / f"step-{done:06d}.png")
     bar.close()
 
     weights_digest = check_ranks_agree(model, accelerator)

@@ -45,9 +45,10 @@ from genadapt.families.stylegan2 import (
     lazy_adam_hyperparameters,
 )
 from genadapt.recipes import (
-    append_log, check_finite, check_ranks_agree, gather_states, load_trainable_state, make_accelerator, process_generators, restore_generators,
-    rewrite_log, trainable_state, write_run_record,
+    GracefulStop, append_log, check_finite, check_ranks_agree, gather_states, load_trainable_state, make_accelerator, process_generators,
+    restore_generators, rewrite_log, stopped, trainable_state, write_run_record,
 )
+from genadapt.runfolder import check_not_shorter, check_same_data, data_digest
 from genadapt.runs import check_resumable, load_checkpoint, progress, save_torch, use_cpu, write_json, write_manifest
 from genadapt.techniques import Step
 
@@ -119,7 +120,9 @@ def _average_gradients(parameters: list[torch.Tensor], accelerator) -> None:
 def _step(optimizer, parameters: list[torch.Tensor], config: AdaptConfig, accelerator) -> None:
     _average_gradients(parameters, accelerator)
     if config.max_grad_norm > 0:
-        accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
+        norm = accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
+        if not torch.isfinite(torch.as_tensor(norm)):
+            raise UserError(f"the gradient norm is {float(norm)}; the run diverged (lower --learning-rate). The last checkpoint in {config.out}/checkpoints is kept")
     optimizer.step()
 
 
@@ -164,12 +167,13 @@ def adapt_gan(config: AdaptConfig, accelerator=None) -> dict:
     gamma = r1_gamma(config, model)
     resolved = {**config.resolved(), **getattr(technique, "resolved", {}), "r1_gamma": gamma}
     check_resumable(out, STATE_FILE, resolved, ignored={"steps"})
+    check_same_data(out, STATE_FILE, images)
     if main:
         from genadapt.runs import write_yaml
 
         write_run_record(out, config, "gan", device=str(device), processes=accelerator.num_processes)
         write_yaml(out / "config.yaml", resolved)  # with the values the technique resolved from the base (FreezeD's blocks, γ)
-        write_manifest(out, config.seed, {"train": images}, {"base": config.base, "resolution": model.resolution})
+        write_manifest(out, config.seed, {"train": images}, {"base": config.base, "resolution": model.resolution, "data_sha256": data_digest(images)})
 
     g_params, d_params = _split_sides(model, technique.parameters(model))
     if not g_params or not d_params:
@@ -196,6 +200,7 @@ def adapt_gan(config: AdaptConfig, accelerator=None) -> dict:
         augment.load_state_dict(state["augment"])
         restore_generators(state, shared, local, accelerator, state_path)
         start, history = state["step"], state["history"]
+        check_not_shorter(start, config.steps, out)
     elif main:
         save_grid(reals, out / "samples" / "shots.png", columns=8, scale=2)
         _save_samples(model, config, out, 0)  # the source, for comparison
@@ -225,84 +230,88 @@ def adapt_gan(config: AdaptConfig, accelerator=None) -> dict:
     default = gan.default_adversarial(model)
     bar = progress(config.steps, start, f"adapt {config.train}", disable=not main)
     started = time.time()
-    for step_index in range(start, config.steps):
-        adversarial = default
-        for _, loss_technique in losses:
-            if hasattr(loss_technique, "adversarial"):
-                adversarial = loss_technique.adversarial(step_index, model, default)
+    with GracefulStop() as stop:
+        for step_index in range(start, config.steps):
+            adversarial = default
+            for _, loss_technique in losses:
+                if hasattr(loss_technique, "adversarial"):
+                    adversarial = loss_technique.adversarial(step_index, model, default)
 
-        # D step: L_D = E[softplus(-D(T(x)))] + E[softplus(D(T(G(z))))] + Σ technique terms.
-        d_optim.zero_grad(set_to_none=True)
-        d_reals = []
-        for _ in range(accumulation):
-            real, styles, inject_index, noise, index = draw(adversarial)
-            d_reals.append(real)
-            with accelerator.autocast():
-                with torch.no_grad():
-                    fake = model.generate(styles, inject_index, noise=noise)[0]
-                real_augmented = augment(real, local)
-                real_logits = adversarial.critic(real_augmented)
-                fake_logits = adversarial.critic(augment(fake, local))
-                d_terms = {"d_adv": d_logistic_loss(real_logits.float(), fake_logits.float())}
-                step = Step(step_index, model, {"real": real, "index": index},
-                            {"real_augmented": real_augmented, "fake": fake, "real_logits": real_logits, "fake_logits": fake_logits}, local)
-                d_total = d_terms["d_adv"]
-                for weight, loss_technique in losses:
-                    if hasattr(loss_technique, "d_loss"):
-                        for name, value in loss_technique.d_loss(step).items():
-                            d_terms[name] = value
-                            d_total = d_total + weight * value
-            check_finite(d_terms, step_index + 1, out)
-            accelerator.backward(d_total / accumulation)
-            augment.update(accelerator.gather(real_logits.detach().float()))
-        _step(d_optim, d_params, config, accelerator)
-        scores = {"real_score": float(real_logits.detach().float().mean()), "fake_score": float(fake_logits.detach().float().mean())}
-
-        # Lazy R1 (every 16 D steps) on the critic this step uses, in full precision; a patch critic's map is averaged per image.
-        if r1.due(step_index):
-            critic = adversarial.critic
+            # D step: L_D = E[softplus(-D(T(x)))] + E[softplus(D(T(G(z))))] + Σ technique terms.
             d_optim.zero_grad(set_to_none=True)
-            for real in d_reals:
-                r1_loss, d_terms["r1"] = r1(lambda x: critic(x).flatten(1).mean(1, keepdim=True), real, lambda x: augment(x, local))
-                accelerator.backward(r1_loss / accumulation)
-            _step(d_optim, d_params, config, accelerator)
-
-        # G step: L_G = E[softplus(-D(T(G(z))))] + Σ technique terms.
-        g_optim.zero_grad(set_to_none=True)
-        with _no_grad_for(d_params):
+            d_reals = []
             for _ in range(accumulation):
                 real, styles, inject_index, noise, index = draw(adversarial)
+                d_reals.append(real)
                 with accelerator.autocast():
-                    fake = model.generate(styles, inject_index, noise=noise)[0]
+                    with torch.no_grad():
+                        fake = model.generate(styles, inject_index, noise=noise)[0]
+                    real_augmented = augment(real, local)
+                    real_logits = adversarial.critic(real_augmented)
                     fake_logits = adversarial.critic(augment(fake, local))
-                    g_terms = {"g_adv": g_nonsaturating_loss(fake_logits.float())}
+                    d_terms = {"d_adv": d_logistic_loss(real_logits.float(), fake_logits.float())}
                     step = Step(step_index, model, {"real": real, "index": index},
-                                {"fake": fake, "styles": styles, "inject_index": inject_index, "fake_logits": fake_logits}, local)
-                    g_total = g_terms["g_adv"]
+                                {"real_augmented": real_augmented, "fake": fake, "real_logits": real_logits, "fake_logits": fake_logits}, local)
+                    d_total = d_terms["d_adv"]
                     for weight, loss_technique in losses:
-                        if hasattr(loss_technique, "loss"):
-                            for name, value in loss_technique.loss(step).items():
-                                g_terms[name] = value
-                                g_total = g_total + weight * value
-                check_finite(g_terms, step_index + 1, out)
-                accelerator.backward(g_total / accumulation)
-            _step(g_optim, g_params, config, accelerator)
-        _update_ema(model, EMA_DECAY)
+                        if hasattr(loss_technique, "d_loss"):
+                            for name, value in loss_technique.d_loss(step).items():
+                                d_terms[name] = value
+                                d_total = d_total + weight * value
+                check_finite(d_terms, step_index + 1, out)
+                accelerator.backward(d_total / accumulation)
+                augment.update(accelerator.gather(real_logits.detach().float()))
+            _step(d_optim, d_params, config, accelerator)
+            scores = {"real_score": float(real_logits.detach().float().mean()), "fake_score": float(fake_logits.detach().float().mean())}
 
-        done = step_index + 1
-        record = {"step": done, "adversarial": adversarial.name, "d_loss": float(d_total.detach()), "g_loss": float(g_total.detach()),
-                  **{k: float(v.detach()) for k, v in {**d_terms, **g_terms}.items()}, **scores}
-        if hasattr(augment, "p"):
-            record["augment_p"] = augment.p
-        history.append(record)
-        if main:
-            append_log(out, record)
-        bar.update(1)
-        bar.set_postfix(d=f"{record['d_loss']:.3f}", g=f"{record['g_loss']:.3f}")
-        if done % config.checkpointing_steps == 0 or done == config.steps:
-            checkpoint(done)
-        if main and config.sample_every and done % config.sample_every == 0 and done != config.steps:
-            _save_samples(model, config, out, done)
+            # Lazy R1 (every 16 D steps) on the critic this step uses, in full precision; a patch critic's map is averaged per image.
+            if r1.due(step_index):
+                critic = adversarial.critic
+                d_optim.zero_grad(set_to_none=True)
+                for real in d_reals:
+                    r1_loss, d_terms["r1"] = r1(lambda x: critic(x).flatten(1).mean(1, keepdim=True), real, lambda x: augment(x, local))
+                    accelerator.backward(r1_loss / accumulation)
+                _step(d_optim, d_params, config, accelerator)
+
+            # G step: L_G = E[softplus(-D(T(G(z))))] + Σ technique terms.
+            g_optim.zero_grad(set_to_none=True)
+            with _no_grad_for(d_params):
+                for _ in range(accumulation):
+                    real, styles, inject_index, noise, index = draw(adversarial)
+                    with accelerator.autocast():
+                        fake = model.generate(styles, inject_index, noise=noise)[0]
+                        fake_logits = adversarial.critic(augment(fake, local))
+                        g_terms = {"g_adv": g_nonsaturating_loss(fake_logits.float())}
+                        step = Step(step_index, model, {"real": real, "index": index},
+                                    {"fake": fake, "styles": styles, "inject_index": inject_index, "fake_logits": fake_logits}, local)
+                        g_total = g_terms["g_adv"]
+                        for weight, loss_technique in losses:
+                            if hasattr(loss_technique, "loss"):
+                                for name, value in loss_technique.loss(step).items():
+                                    g_terms[name] = value
+                                    g_total = g_total + weight * value
+                    check_finite(g_terms, step_index + 1, out)
+                    accelerator.backward(g_total / accumulation)
+                _step(g_optim, g_params, config, accelerator)
+            _update_ema(model, EMA_DECAY)
+
+            done = step_index + 1
+            record = {"step": done, "adversarial": adversarial.name, "d_loss": float(d_total.detach()), "g_loss": float(g_total.detach()),
+                      **{k: float(v.detach()) for k, v in {**d_terms, **g_terms}.items()}, **scores}
+            if hasattr(augment, "p"):
+                record["augment_p"] = augment.p
+            history.append(record)
+            if main:
+                append_log(out, record)
+            bar.update(1)
+            bar.set_postfix(d=f"{record['d_loss']:.3f}", g=f"{record['g_loss']:.3f}")
+            stopping = stop.requested(accelerator)
+            if done % config.checkpointing_steps == 0 or done == config.steps or stopping:
+                checkpoint(done)
+            if stopping and done != config.steps:
+                raise stopped(done, out)
+            if main and config.sample_every and done % config.sample_every == 0 and done != config.steps:
+                _save_samples(model, config, out, done)
     bar.close()
     train_seconds = time.time() - started
 
