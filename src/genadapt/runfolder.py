@@ -74,8 +74,11 @@ class RunLock:
         for _ in range(2):
             try:
                 handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
+            except OSError as exc:
+                if not isinstance(exc, FileExistsError):
+                    full = disk_full_error(exc, self.path)
+                    raise full or UserError(f"{self.path.parent}: cannot create the run lock ({exc.strerror}); check the folder") from None
+                holder = self._holder()  # the lock exists
                 if holder and holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1))):
                     print(f"note: {self.path.parent} was left locked by process {holder.get('pid')}, which is gone; taking it over", file=sys.stderr)
                     self.path.unlink(missing_ok=True)
@@ -86,9 +89,14 @@ class RunLock:
                     f"{self.path.parent} is being written by process {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}; "
                     "wait for it to finish, or use another --out"
                 )
-            with os.fdopen(handle, "w") as file:
-                json.dump(me, file)
+            try:
+                with os.fdopen(handle, "w") as file:
+                    json.dump(me, file)
+            except OSError as exc:
+                self.path.unlink(missing_ok=True)
+                raise disk_full_error(exc, self.path) or UserError(f"{self.path}: cannot write the run lock ({exc.strerror})") from None
             self.held = True
+            sweep_partial_writes(self.path.parent)
             return self
         raise UserError(f"{self.path.parent}: could not take the lock {self.path}; delete it if no run is writing there")
 
@@ -102,6 +110,20 @@ class RunLock:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
+
+
+def sweep_partial_writes(out: Path) -> None:
+    """Temp files and staging folders a killed writer left (atomic writes never rename them into place);
+    only the lock holder calls this, so nothing is writing them."""
+    import shutil
+
+    for folder in (out, out / "checkpoints"):
+        if folder.is_dir():
+            for leftover in folder.glob(".*.tmp"):
+                leftover.unlink(missing_ok=True)
+    for staging in [*out.glob("*.tmp"), *out.glob(".*.tmp")]:
+        if staging.is_dir():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def data_digest(images) -> str:

@@ -41,10 +41,12 @@ def atomic_write(path: Path, write) -> Path:
         if full is not None:
             raise full from None
         raise
-    except RuntimeError as exc:  # torch.save reports a failed write as RuntimeError ("file write failed")
-        full = disk_full_error(OSError(28, str(exc)), path, path.stat().st_size if path.is_file() else None) if "write" in str(exc) else None
-        if full is not None:
-            raise full from None
+    except RuntimeError:  # torch.save reports a short write as RuntimeError ("unexpected pos ..."): was the disk full?
+        import errno
+        import shutil
+
+        if shutil.disk_usage(path.parent).free < max(os.path.getsize(temporary) if os.path.exists(temporary) else 0, 1 << 20):
+            raise disk_full_error(OSError(errno.ENOSPC, "No space left on device"), path, path.stat().st_size if path.is_file() else None) from None
         raise
     finally:
         if os.path.exists(temporary):
@@ -71,6 +73,30 @@ def save_safetensors(path: Path, tensors: dict, metadata: dict | None = None) ->
 
     tensors = {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def read_safetensors(path: Path, what: str = "weights") -> dict:
+    """The tensors of a user's .safetensors file, or a one-line UserError naming it, what is wrong and the fix.
+
+    `what` says what the file is for, e.g. "StyleGAN2 generator weights"."""
+    from safetensors.torch import load_file
+
+    from genadapt.errors import UserError
+
+    path = Path(path)
+    if not os.path.lexists(path):
+        raise UserError(f"{path}: no such file ({what}); check the path, or re-export the model folder")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, not a .safetensors file ({what}); pass the file, or remove the folder")
+    try:
+        return load_file(str(path))
+    except PermissionError:
+        raise UserError(f"{path}: cannot read {what} (permission denied); fix the file's permissions") from None
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} is a broken link; fix or remove the link") from None
+    except Exception as exc:  # noqa: BLE001 - SafetensorError (Rust), OSError, MemoryError...: all mean a bad file
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0].removeprefix("Error while deserializing header: ")[:200]
+        raise UserError(f"{path}: not a valid safetensors file of {what} ({reason}); re-save or re-download it") from None
 
 
 def save_torch(path: Path, state: dict) -> Path:

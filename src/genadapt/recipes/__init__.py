@@ -111,8 +111,17 @@ def write_run_record(out: Path, config, family: str, **extra) -> None:
 
 
 def append_log(out: Path, record: dict) -> None:
-    with (out / "log.jsonl").open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
+    """log.jsonl grows at every step, so a killed run keeps its history up to its last step."""
+    from genadapt.runfolder import disk_full_error
+
+    try:
+        with (out / "log.jsonl").open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+    except OSError as exc:
+        full = disk_full_error(exc, out / "log.jsonl")
+        if full is not None:
+            raise full from None
+        raise
 
 
 def rewrite_log(out: Path, history: list[dict]) -> None:

@@ -147,7 +147,15 @@ def hold_out(settings: CompareConfig, out: Path) -> CompareConfig:
 
 
 def compare(settings: CompareConfig) -> dict:
-    """Plan, run, evaluate, report. Returns the results dict written to results.json."""
+    """Plan, run, evaluate, report, as the only writer of `settings.out`. Returns the results dict written to results.json."""
+    from genadapt.runfolder import RunLock, prepare_out
+
+    prepare_out(settings.out, settings.data)
+    with RunLock(settings.out):
+        return _compare(settings)
+
+
+def _compare(settings: CompareConfig) -> dict:
     from tqdm.auto import tqdm
 
     from genadapt.data import load_dataset
