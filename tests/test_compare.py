@@ -87,3 +87,47 @@ def test_fixed_steps_skip_the_probe(base, tmp_path):
     assert results["plan"]["steps"] == 2 and results["plan"]["seconds_per_step"] == {}
     assert not (tmp_path / "probe").exists()
     assert json.loads((tmp_path / "runs" / "embedding-2shot" / "summary.json").read_text())["steps"] == 2
+
+
+@pytest.mark.parametrize("pocket, technique", [("pocket-sd", "lora"), ("pocket-stylegan2", "freeze")])
+def test_the_default_shot_counts_finish_on_both_pocket_models(pocket, technique, tmp_path):
+    """1 shot included: metrics that need two shots (authenticity) are left out, not fatal."""
+    from genadapt.config import CompareConfig
+
+    extra = {"sample_steps": 1} if pocket == "pocket-sd" else {}
+    settings = CompareConfig(base=pocket, data="builtin:openmoji/flags", reference="builtin:openmoji/flags/reference",
+                             techniques=[technique], steps=2, samples=4, out=tmp_path, **extra)
+    assert settings.shots == [1, 5, 10]
+    results = compare(settings)
+    assert [advice["shots"] for advice in results["recommendation"]] == [1, 5, 10]
+    assert "authenticity" not in results["runs"][f"{technique}-1shot"]["evaluation"]
+
+
+def test_a_killed_compare_resumes_without_redoing_finished_runs(base, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [sys.executable, "-m", "genadapt", "compare", "--base", base, "--data", "builtin:digits/3", "--reference", "builtin:digits/3",
+            "--shots", "2", "--techniques", "lora,embedding", "--steps", "2", "--samples", "4", "--sample-steps", "1", "--batch-size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(args + ["--out", str(tmp_path / "straight")], env=env, check=True, capture_output=True, timeout=600)
+    out = tmp_path / "killed"
+    process = subprocess.Popen(args + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / "runs" / "lora-2shot" / "eval.json"
+    deadline = time.time() + 300
+    while not first.is_file():
+        assert time.time() < deadline and process.poll() is None
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)  # between runs: the first is evaluated, the second not finished
+    process.wait()
+    stamp = first.stat().st_mtime_ns
+    subprocess.run(args + ["--out", str(out)], env=env, check=True, capture_output=True, timeout=600)
+    assert first.stat().st_mtime_ns == stamp  # not redone
+    straight, resumed = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("straight", "killed"))
+    for name in straight["runs"]:
+        a, b = (dict(r["runs"][name]["evaluation"]) for r in (straight, resumed))
+        a.pop("samples"), b.pop("samples")  # their names say which folder they came from
+        assert a == b, name

@@ -82,7 +82,8 @@ def evaluate(
                 for i, s in zip(copies["flagged"], copies["copied_shot"])
             ],
         }
-        result["authenticity"] = {k: v for k, v in metrics.authenticity(feats_train, feats_samples).items() if k in ("authenticity", "n_fake")}
+        if len(train_set) >= 2:  # authenticity compares a shot with its nearest other shot: one shot has none
+            result["authenticity"] = {k: v for k, v in metrics.authenticity(feats_train, feats_samples).items() if k in ("authenticity", "n_fake")}
         if lpips_model is not None:
             from genadapt.eval.lpips import intra_cluster_lpips
 
@@ -138,7 +139,8 @@ def rows(result: dict) -> list[tuple[str, str]]:
             resized = f"{perceptual['size']} px" if perceptual["size"] else "native size"
             table.append((f"intra-cluster {perceptual['distance_name']} (CDC, {resized})", f"{perceptual['value']:.4f} ± {perceptual['std']:.4f}"))
         table.append((f"copy rate (NN ratio < {result['memorisation']['ratio']:.2f}, {result['memorisation']['rule']})", f"{result['memorisation']['copy_rate']:.3f}"))
-        table.append(("authenticity (Alaa et al. 2022)", f"{result['authenticity']['authenticity']:.3f}"))
+        if "authenticity" in result:
+            table.append(("authenticity (Alaa et al. 2022)", f"{result['authenticity']['authenticity']:.3f}"))
     return table
 
 
