@@ -125,6 +125,31 @@ def resolve_base(base: str) -> str:
     return base  # a hub id: diffusers resolves it (from its cache when offline)
 
 
+SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_PARTS = SD_PARTS + ("text_encoder_2", "tokenizer_2")
+KNOWN_LIBRARIES = ("diffusers", "transformers")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0][:300] if text else type(exc).__name__)
+
+
+def _check_parts(base: str, location: str, index: dict, sdxl: bool) -> None:
+    """The parts a Stable Diffusion (XL) pipeline needs, each from diffusers or transformers: a component that
+    names another library is code from the folder, which genadapt never runs."""
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[0] is None:
+            continue
+        if spec[0] not in KNOWN_LIBRARIES:
+            raise UserError(f"--base {base}: model_index.json asks for {name} from {spec[0]}.{spec[1]}, code shipped with the folder; genadapt runs no code from a model folder")
+    if Path(location).is_dir():
+        missing = [part for part in (SDXL_PARTS if sdxl else SD_PARTS) if not (Path(location) / part).is_dir()]
+        if missing:
+            kind = "an SDXL" if sdxl else "a Stable Diffusion"
+            raise UserError(f"--base {base}: model_index.json says {kind} pipeline, but the folder has no {', '.join(missing)}; pass a complete pipeline folder")
+
+
 def load(base: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DiffusionModel:
     """A frozen pipeline (every parameter requires_grad=False); techniques decide what trains."""
     from diffusers import DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -133,15 +158,22 @@ def load(base: str, dtype: torch.dtype = torch.float32, device: str | torch.devi
     diffusers_logging.set_verbosity_error()
     location = resolve_base(base)
     try:
-        if DiffusionPipeline.load_config(location).get("_class_name") == SDXL_PIPELINE:
-            pipeline = StableDiffusionXLPipeline.from_pretrained(location, dtype=dtype)
+        index = DiffusionPipeline.load_config(location)
+    except Exception as exc:  # noqa: BLE001 - a missing, unreadable or malformed model_index.json is the user's folder
+        raise UserError(f"--base {base}: model_index.json cannot be read ({_first_line(exc)}); pass a folder saved with save_pretrained") from None
+    sdxl = index.get("_class_name") == SDXL_PIPELINE
+    _check_parts(base, location, index, sdxl)
+    # Weights are safetensors only (a .bin is a pickle), and no code from the folder runs (trust_remote_code=False).
+    options = dict(dtype=dtype, use_safetensors=True, trust_remote_code=False)
+    try:
+        if sdxl:
+            pipeline = StableDiffusionXLPipeline.from_pretrained(location, **options)
         else:
-            pipeline = StableDiffusionPipeline.from_pretrained(
-                location, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-            )
-    except (OSError, ValueError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"--base {base}: cannot load a Stable Diffusion pipeline ({first}); pass pocket-sd, a pipeline folder or a hub id you have access to") from None
+            pipeline = StableDiffusionPipeline.from_pretrained(location, safety_checker=None, feature_extractor=None, requires_safety_checker=False, **options)
+    except MemoryError:
+        raise UserError(f"--base {base}: its config asks for a model larger than this machine's memory; check the config.json files") from None
+    except Exception as exc:  # noqa: BLE001 - truncated or corrupt weights, bad configs: the folder, not genadapt
+        raise UserError(f"--base {base}: cannot load a Stable Diffusion pipeline ({_first_line(exc)}); check the folder's files, or pass pocket-sd, another folder or a hub id") from None
     pipeline.set_progress_bar_config(disable=True)
     pipeline.to(device)
     model = DiffusionModel(pipeline=pipeline, base=base, noise_scheduler=DDPMScheduler.from_config(pipeline.scheduler.config))

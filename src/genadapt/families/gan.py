@@ -224,7 +224,15 @@ def load(base: str, allow_pickle: bool = False, device: str | torch.device = "cp
     if path.is_dir():
         if not (path / "generator_ema.safetensors").is_file():
             raise UserError(f"--base {base}: not a StyleGAN2 model folder (no generator_ema.safetensors)")
-        g_ema, discriminator, config = load_stylegan2(path, device=device)
+        try:
+            g_ema, discriminator, config = load_stylegan2(path, device=device)
+        except UserError:
+            raise
+        except MemoryError:
+            raise UserError(f"--base {base}: its config.json asks for a network larger than this machine's memory; check config.json") from None
+        except Exception as exc:  # noqa: BLE001 - a malformed config.json, corrupt or mismatched weights: the folder
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise UserError(f"--base {base}: cannot load this StyleGAN2 folder ({first}); check its config.json and safetensors files") from None
     else:
         if not allow_pickle:
             raise UserError(
