@@ -17,33 +17,33 @@ def base(tmp_path_factory):
 def _settings(base, out):
     return CompareSettings(
         base=base, data="builtin:digits/3", reference="builtin:digits/3", out=out, shots=[2, 4],
-        techniques=["lora", "embedding"], budget_minutes=30, min_steps=2, max_steps=3, samples=8, probe_steps=1, batch_size=2,
+        techniques=["lora", "embedding"], budget_minutes=30, min_steps=2, max_steps=3, samples=8, probe_steps=1, batch_size=2, replicates=1,
     )
 
 
 def test_compare_writes_complete_results_and_resumes(base, tmp_path):
     results = compare(_settings(base, tmp_path))
-    assert set(results["runs"]) == {"base", "lora-2shot", "lora-4shot", "embedding-2shot", "embedding-4shot"}
+    assert set(results["runs"]) == {"base", "base-2shot-r0", "base-4shot-r0", "lora-2shot-r0", "lora-4shot-r0", "embedding-2shot-r0", "embedding-4shot-r0"}
     for run in results["runs"].values():
         evaluation = run["evaluation"]
         assert {"kid", "fid", "precision_recall", "memorisation", "intra_cluster_diversity"} <= set(evaluation)
     assert [advice["shots"] for advice in results["recommendation"]] == [2, 4]
     report = (tmp_path / "report.html").read_text()
-    assert "Which technique fits this data?" in report and "shots-2.png" in report
-    for name in ("lora-2shot", "embedding-4shot"):
+    assert "Which technique fits this data?" in report and "shots-2.png" in report and "Paired evidence" in report
+    for name in ("lora-2shot-r0", "embedding-4shot-r0"):
         assert (tmp_path / "runs" / name / "eval" / "samples.png").is_file()
 
-    finished = tmp_path / "runs" / "lora-2shot" / "eval.json"
+    finished = tmp_path / "runs" / "lora-2shot-r0" / "eval.json"
     stamp = finished.stat().st_mtime_ns
-    (tmp_path / "runs" / "embedding-4shot" / "eval.json").unlink()  # as if killed during that run
+    (tmp_path / "runs" / "embedding-4shot-r0" / "eval.json").unlink()  # as if killed during that run
     again = compare(_settings(base, tmp_path))
     assert finished.stat().st_mtime_ns == stamp
-    assert (tmp_path / "runs" / "embedding-4shot" / "eval.json").is_file()
+    assert (tmp_path / "runs" / "embedding-4shot-r0" / "eval.json").is_file()
     assert json.loads((tmp_path / "results.json").read_text())["plan"] == again["plan"]
 
 
 def test_plan_drops_the_most_expensive_runs_first(tmp_path):
-    settings = CompareSettings(base="x", data="x", reference="x", out=tmp_path, shots=[1, 10], techniques=["lora", "full"], budget_minutes=1, min_steps=50, samples=2)
+    settings = CompareSettings(base="x", data="x", reference="x", out=tmp_path, shots=[1, 10], techniques=["lora", "full"], budget_minutes=1, min_steps=50, samples=4)
     per_step = {"lora": 0.1, "lora:setup": 1.0, "full": 1.0, "full:setup": 1.0}
     plan = make_plan(settings, per_step, per_sample=0.0)
     assert isinstance(plan, ComparePlan) and plan.steps >= 50
@@ -60,11 +60,13 @@ def test_compare_runs_gan_techniques_too(tmp_path):
     save_stylegan2(tmp_path / "gan", g_ema, discriminator, tiny.generator_kwargs(), tiny.discriminator_kwargs(), extra={"pretraining": {"r1_gamma": 1.0}})
     settings = CompareSettings(
         base=str(tmp_path / "gan"), data="builtin:digits/3", reference="builtin:digits/3", out=tmp_path / "cmp", shots=[4],
-        techniques=["freeze", "cdc"], budget_minutes=30, min_steps=2, max_steps=3, samples=8, probe_steps=1, batch_size=4,
+        techniques=["freeze", "cdc"], budget_minutes=30, min_steps=2, max_steps=3, samples=8, probe_steps=1, batch_size=4, replicates=2,
     )
     results = compare(settings)
-    assert set(results["runs"]) == {"base", "freeze-4shot", "cdc-4shot"}
-    assert results["runs"]["cdc-4shot"]["evaluation"]["memorisation"]["copy_rate"] >= 0
+    assert {"freeze-4shot-r0", "freeze-4shot-r1", "cdc-4shot-r0", "cdc-4shot-r1", "base-4shot-r1"} <= set(results["runs"])
+    assert results["runs"]["cdc-4shot-r1"]["evaluation"]["memorisation"]["copy_rate"] >= 0
+    advice = results["recommendation"][0]
+    assert advice["techniques"]["cdc"]["replicates"] == 2 and len(advice["techniques"]["cdc"]["kid_per_replicate"]) == 2
 
 
 def test_without_reference_a_share_of_the_data_is_held_out(tmp_path):
@@ -86,7 +88,7 @@ def test_fixed_steps_skip_the_probe(base, tmp_path):
     results = compare(settings)
     assert results["plan"]["steps"] == 2 and results["plan"]["seconds_per_step"] == {}
     assert not (tmp_path / "probe").exists()
-    assert json.loads((tmp_path / "runs" / "embedding-2shot" / "summary.json").read_text())["steps"] == 2
+    assert json.loads((tmp_path / "runs" / "embedding-2shot-r0" / "summary.json").read_text())["steps"] == 2
 
 
 @pytest.mark.parametrize("pocket, technique", [("pocket-sd", "lora"), ("pocket-stylegan2", "freeze")])
@@ -96,11 +98,11 @@ def test_the_default_shot_counts_finish_on_both_pocket_models(pocket, technique,
 
     extra = {"sample_steps": 1} if pocket == "pocket-sd" else {}
     settings = CompareConfig(base=pocket, data="builtin:openmoji/flags", reference="builtin:openmoji/flags/reference",
-                             techniques=[technique], steps=2, samples=4, out=tmp_path, **extra)
+                             techniques=[technique], steps=2, samples=4, replicates=1, out=tmp_path, **extra)
     assert settings.shots == [1, 5, 10]
     results = compare(settings)
     assert [advice["shots"] for advice in results["recommendation"]] == [1, 5, 10]
-    assert "authenticity" not in results["runs"][f"{technique}-1shot"]["evaluation"]
+    assert "authenticity" not in results["runs"][f"{technique}-1shot-r0"]["evaluation"]
 
 
 def test_a_killed_compare_resumes_without_redoing_finished_runs(base, tmp_path):
@@ -111,12 +113,12 @@ def test_a_killed_compare_resumes_without_redoing_finished_runs(base, tmp_path):
     import time
 
     args = [sys.executable, "-m", "genadapt", "compare", "--base", base, "--data", "builtin:digits/3", "--reference", "builtin:digits/3",
-            "--shots", "2", "--techniques", "lora,embedding", "--steps", "2", "--samples", "4", "--sample-steps", "1", "--batch-size", "2"]
+            "--shots", "2", "--techniques", "lora,embedding", "--steps", "2", "--samples", "4", "--sample-steps", "1", "--batch-size", "2", "--replicates", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(args + ["--out", str(tmp_path / "straight")], env=env, check=True, capture_output=True, timeout=600)
     out = tmp_path / "killed"
     process = subprocess.Popen(args + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = out / "runs" / "lora-2shot" / "eval.json"
+    first = out / "runs" / "lora-2shot-r0" / "eval.json"
     deadline = time.time() + 300
     while not first.is_file():
         assert time.time() < deadline and process.poll() is None
@@ -131,3 +133,11 @@ def test_a_killed_compare_resumes_without_redoing_finished_runs(base, tmp_path):
         a, b = (dict(r["runs"][name]["evaluation"]) for r in (straight, resumed))
         a.pop("samples"), b.pop("samples")  # their names say which folder they came from
         assert a == b, name
+
+
+def test_the_budget_decides_replicates_before_it_drops_runs(tmp_path):
+    per_step = {"lora": 0.1, "lora:setup": 1.0}
+    settings = CompareSettings(base="x", data="x", reference="x", out=tmp_path, shots=[5], techniques=["lora"], budget_minutes=0.25,
+                               min_steps=50, samples=4, replicates=3)
+    plan = make_plan(settings, per_step, per_sample=0.0)  # 15 s: 2 runs of 50 steps (2 x 6 s) fit, 3 (18 s) do not
+    assert plan.replicates == 2 and plan.runs == ["lora-5shot-r0", "lora-5shot-r1"] and not plan.dropped

@@ -71,11 +71,14 @@ def _svg_bars(rows: list[tuple[str, float, float, float]], width=560, label="KID
 
 
 def _kid_rows(results: dict) -> list[tuple[str, float, float, float]]:
-    """(name, KID, CI low, CI high) of every run and the base, best first, for `_svg_bars`."""
+    """(name, mean KID, lowest and highest replicate) per technique at the largest shot count, best first, for `_svg_bars`."""
     rows = []
-    for name, run in results["runs"].items():
-        kid = run["evaluation"]["kid"]
-        rows.append(("base (unadapted)" if name == "base" else run["technique"], kid["value"], kid["ci_low"], kid["ci_high"]))
+    for advice in results.get("recommendation", [])[-1:]:
+        for technique, row in advice["techniques"].items():
+            kids = row["kid_per_replicate"]
+            rows.append((technique, row["kid"], min(kids), max(kids)))
+        base = [run["evaluation"]["kid"]["value"] for name, run in results["runs"].items() if name.startswith(f"base-{advice['shots']}shot-")]
+        rows.append(("base (unadapted)", sum(base) / len(base), min(base), max(base)))
     return sorted(rows, key=lambda row: row[1])
 
 
@@ -106,18 +109,44 @@ def _size(n: int | None) -> str:
         n /= 1024
 
 
+def _delta(result: dict) -> str:
+    return f"{result['difference']:+.4f} [{result['ci_low']:+.4f}, {result['ci_high']:+.4f}]"
+
+
 def verdict(results: dict) -> list[str]:
+    """Per shot count, a sentence a user can act on: what to use, with what settings, beating what by how much,
+    what ties it and why the recommendation among the tied, and what the run could not have detected."""
     lines = []
-    base_kid = results["runs"]["base"]["evaluation"]["kid"]["value"]
+    settings = results.get("settings", {})
     for advice in results.get("recommendation", []):
-        kid = advice["kid"]
-        text = f"With {advice['shots']} shot(s): <b>{html.escape(advice['technique'])}</b> — KID {kid['value']:.4f} [{kid['ci_low']:.4f}, {kid['ci_high']:.4f}] vs {base_kid:.4f} unadapted"
-        if advice.get("copy_rate") is not None:
-            text += f", copies {advice['copy_rate']:.0%} of samples"
-        if advice["too_close_to_call_with"]:
-            text += f"; too close to call with {', '.join(html.escape(t) for t in advice['too_close_to_call_with'])} (overlapping 95% CIs)"
+        shots, table = advice["shots"], advice["techniques"]
+        pick = advice.get("technique")
+        disqualified = [f"{html.escape(t)} ({'; '.join(row['disqualified'])})" for t, row in table.items() if row["disqualified"]]
+        if pick is None:
+            lines.append(f"With {shots} shot(s): no technique qualifies: {', '.join(disqualified)}.")
+            continue
+        options = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in advice.get("settings", {}).items() if k != "loss")
+        text = f"With {shots} shot(s) use <b>{html.escape(pick)}</b>" + (f" ({html.escape(options)})" if options else "")
+        winner = advice["fidelity_winner"]
+        beaten = [f"{html.escape(t)} by {-c['difference']:.4f} KID [{-c['ci_high']:.4f}, {-c['ci_low']:.4f}]"
+                  for t, c in advice["comparisons"].items() if t not in advice["tied_with"]]
+        vs_base = table[pick]["vs_base"]
+        if advice["beats_base"]:
+            beaten.append(f"the unadapted base by {-vs_base['difference']:.4f} [{-vs_base['ci_high']:.4f}, {-vs_base['ci_low']:.4f}]")
+        text += f": KID {table[pick]['kid']:.4f} (base {advice['base_kid']:.4f}), copies {table[pick]['copy_rate']:.0%}"
+        if beaten:
+            text += "; it beats " + ", ".join(beaten)
         if not advice["beats_base"]:
-            text += "; <i>not clearly better than the unadapted base</i>"
+            text += f"; <i>not clearly better than the unadapted base</i> (Δ {_delta(vs_base)})"
+        ties = [t for t in [winner, *advice["tied_with"]] if t != pick]
+        if ties:
+            tied_text = ", ".join(f"{html.escape(t)} (Δ {_delta(advice['comparisons'][t]) if t in advice['comparisons'] else 'lowest KID'})" for t in ties)
+            sizes = ", ".join(f"{html.escape(t)} {_size(int(table[t]['artifact_bytes']))}" for t in ties)
+            text += f"; tied with {tied_text}; {html.escape(pick)} is the cheapest of the tied ({_size(int(table[pick]['artifact_bytes']))} vs {sizes})"
+        text += (f". Differences under {advice['detectable']:.4f} KID could not be detected with {settings.get('samples', '?')} samples"
+                 f" x {table[pick]['replicates']} replicate(s)")
+        if disqualified:
+            text += f". Disqualified: {', '.join(disqualified)}"
         lines.append(text + ".")
     return lines
 
@@ -134,29 +163,28 @@ def write_compare_report(results: dict, out: Path) -> Path:
     from genadapt.grid import save_grid
 
     settings, plan = results["settings"], results["plan"]
-    rows, curves = [], {}
-    for name, run in results["runs"].items():
-        evaluation = run["evaluation"]
-        memorisation = evaluation.get("memorisation", {})
-        diversity = evaluation.get("intra_cluster_diversity", {})
-        rows.append(
-            "<tr>"
-            f"<td>{html.escape(run['technique'])}</td><td>{run['shots']}</td>"
-            f"<td>{_fmt_ci(evaluation['kid'], 4)}</td><td>{_fmt_ci(evaluation['fid'], 1)}</td>"
-            f"<td>{evaluation['precision_recall']['precision']:.2f}</td><td>{evaluation['precision_recall']['recall']:.2f}</td>"
-            f"<td>{diversity.get('value', float('nan')):.3f}</td><td>{memorisation.get('copy_rate', float('nan')):.0%}</td>"
-            f"<td>{run.get('trainable_parameters', 0):,}</td><td>{_size(run.get('artifact_bytes'))}</td><td>{run.get('cpu_minutes', '–')}</td>"
-            "</tr>"
-        )
-        if name != "base":
-            curves.setdefault(run["technique"], []).append((run["shots"], evaluation["kid"]["value"]))
-    base_kid = results["runs"]["base"]["evaluation"]["kid"]["value"]
-    series = {t: sorted(points) for t, points in curves.items()}
-    series["base (unadapted)"] = [(min(plan["shots"]), base_kid), (max(plan["shots"]), base_kid)]
+    rows, series, evidence = [], {}, []
+    for advice in results.get("recommendation", []):
+        for technique, row in sorted(advice["techniques"].items(), key=lambda item: item[1]["kid"]):
+            kids = row["kid_per_replicate"]
+            spread = f"<small>[{min(kids):.4f} – {max(kids):.4f}]</small>" if len(kids) > 1 else ""
+            status = "disqualified: " + html.escape("; ".join(row["disqualified"])) if row["disqualified"] else ("<b>recommended</b>" if technique == advice.get("technique") else "")
+            rows.append(
+                f"<tr><td>{html.escape(technique)}</td><td>{advice['shots']}</td><td>{row['kid']:.4f} {spread}</td><td>{row['replicates']}</td>"
+                f"<td>{_delta(row['vs_base'])}</td><td>{row['diversity']:.3f}</td><td>{row['copy_rate']:.0%}</td>"
+                f"<td>{row['trainable_parameters']:,}</td><td>{_size(int(row['artifact_bytes']))}</td><td>{row['cpu_minutes']:.2f}</td><td>{status}</td></tr>"
+            )
+            series.setdefault(technique, []).append((advice["shots"], row["kid"]))
+        series.setdefault("base (unadapted)", []).append((advice["shots"], advice["base_kid"]))
+        for other, comparison in advice.get("comparisons", {}).items():
+            tied = "tied" if other in advice["tied_with"] else "beaten"
+            evidence.append(f"<tr><td>{advice['shots']}</td><td>{html.escape(advice['fidelity_winner'])} − {html.escape(other)}</td><td>{_delta(comparison)}</td>"
+                            f"<td>{comparison['detectable']:.4f}</td><td>{tied}</td></tr>")
+    series = {t: sorted(points) for t, points in series.items()}
     if len(plan["shots"]) > 1:
-        quality_plot = _svg_lines(series, x_label="shots (log)", y_label="KID (lower is better)", log_x=True)
+        quality_plot = _svg_lines(series, x_label="shots (log)", y_label="mean KID (lower is better)", log_x=True)
     else:
-        quality_plot = _svg_bars(_kid_rows(results))
+        quality_plot = _svg_bars(_kid_rows(results), label="mean KID over replicates (bars: lowest to highest replicate)")
 
     sections = []
     for shots in plan["shots"]:
@@ -164,7 +192,7 @@ def write_compare_report(results: dict, out: Path) -> Path:
         save_grid(images.pixels, out / f"shots-{shots}.png", columns=min(5, len(images)), scale=2)
         cards = [f"<figure><img src='shots-{shots}.png'><figcaption>the {shots} training shot(s)</figcaption></figure>"]
         for name, run in results["runs"].items():
-            if name == "base" or run["shots"] != shots:
+            if run["technique"] == "base" or run["shots"] != shots or run.get("replicate", 0) != 0:
                 continue
             folder = f"runs/{name}"
             copies = run["evaluation"].get("memorisation", {}).get("copies", [])
@@ -188,13 +216,16 @@ img{{image-rendering:pixelated;max-width:100%}}.grid{{display:flex;flex-wrap:wra
 figure{{margin:.3em}}figcaption{{font-size:.8em;color:#555}}small{{color:#777}}</style></head><body>
 <h1>Which technique fits this data?</h1>
 <p>{html.escape(settings['base'])} adapted to <code>{html.escape(settings['data'])}</code>, evaluated against <code>{html.escape(settings['reference'])}</code>
-in the feature space <code>{html.escape(results['runs']['base']['evaluation']['features'])}</code>. Every run: {plan['steps']} steps.</p>
+in the feature space <code>{html.escape(results['runs']['base']['evaluation']['features'])}</code>. Every run: {plan['steps']} steps; {plan.get('replicates', 1)} replicate(s) per technique and shot count.</p>
 <div class='verdict'>{'<br>'.join(verdict(results))}</div>
 <h2>{'Quality against shots' if len(plan['shots']) > 1 else 'Quality by technique'}</h2>{quality_plot}
-<h2>All runs</h2><table><tr><th>technique</th><th>shots</th><th>KID [95% CI]</th><th>FID [95% CI]</th><th>precision</th><th>recall</th>
-<th>intra-cluster diversity</th><th>copy rate</th><th>trainable params</th><th>artifact</th><th>CPU-min</th></tr>{''.join(rows)}</table>
-<p><small>KID/FID: lower is better; the CI is a bootstrap 95% interval. Diversity: mean pairwise cosine distance of samples assigned to the same shot (CDC protocol, in the eval encoder's space, not LPIPS).
-Copy rate: samples whose nearest shot is 3x closer than the second nearest.</small></p>
+<h2>Every technique</h2><table><tr><th>technique</th><th>shots</th><th>mean KID [replicates' range]</th><th>replicates</th><th>Δ KID vs base [95% CI]</th>
+<th>intra-cluster diversity</th><th>copy rate</th><th>trainable params</th><th>artifact</th><th>CPU-min</th><th></th></tr>{''.join(rows)}</table>
+<h2>Paired evidence</h2><table><tr><th>shots</th><th>KID difference</th><th>95% CI (paired, pooled over replicates)</th><th>smallest detectable (80% power)</th><th></th></tr>{''.join(evidence)}</table>
+<p><small>KID: lower is better. Every technique of one replicate is sampled from the same seeds and scored on the same reference half-samples, so differences are paired;
+a difference whose interval excludes 0 is a win. Rule: disqualified above {settings.get('copy_ceiling', 0.05):.0%} copies or below
+{settings.get('diversity_floor', 0.5):g}x the base's diversity; lowest KID wins; ties go to the smallest artifact, then fewest CPU-minutes.
+Diversity: mean pairwise cosine distance of samples assigned to the same shot (CDC protocol, in the eval encoder's space). Copy rate: see docs/evaluation.md.</small></p>
 {''.join(sections)}
 <h2>Plan</h2><p>{plan_text}</p>
 <p>Dropped runs:</p><ul>{dropped}</ul></body></html>"""
@@ -208,7 +239,9 @@ def write_demo_index(results: dict[str, dict], out: Path) -> Path:
         lines = "<br>".join(verdict(result))
         pictures = ""
         for advice in result.get("recommendation", [])[:1]:
-            best = f"{advice['technique']}-{advice['shots']}shot"
+            if advice.get("technique") is None:
+                continue
+            best = f"{advice['technique']}-{advice['shots']}shot-r0"
             pictures = (
                 f"<figure><img src='{html.escape(base)}/shots-{advice['shots']}.png'><figcaption>the shots</figcaption></figure>"
                 f"<figure><img src='{html.escape(base)}/runs/{best}/eval/samples.png' width='260'><figcaption>{html.escape(advice['technique'])}: samples</figcaption></figure>"

@@ -1,10 +1,23 @@
-"""`genadapt compare`: every technique at every shot count on the user's data, evaluated, reported.
+"""`genadapt compare`: which technique fits my data budget? Every technique at every shot count, R times, scored
+on paired statistics, decided by a declared rule.
 
-The plan: a short timing probe per technique sets one step count for all runs that fits the
-budget (equal steps keep the comparison fair); runs that cannot fit are dropped and listed.
-Each run is an ordinary `adapt` run folder, evaluated against the reference with the shots as
-training set; the unadapted base is the baseline. A killed compare resumes: finished runs keep
-their `eval.json`, an interrupted run resumes from its checkpoint.
+The plan. A short timing probe per technique (or `--steps`) sets one step count for all runs; what the budget
+allows decides the number of replicates R (up to `--replicates`) before the steps, and runs that still do not
+fit are dropped and listed. Replicate r of a technique trains with seed + r: another draw of the k shots where
+the pool allows, another initialisation, other noise.
+
+The evidence. Each run is an ordinary `adapt` run folder, evaluated against the reference with its shots as the
+training set (`eval.json`), and the unadapted base is sampled once per replicate. Every run of one replicate is
+sampled from the same seeds and prompts positions and scored on the same reference half-samples, so differences
+between techniques are paired (`genadapt.eval.paired`): A beats B when the 95% interval of the paired KID
+difference, pooled over replicates, lies below 0; each comparison states the smallest difference it could have
+detected.
+
+The rule, per shot count: a technique is disqualified when its mean copy rate exceeds `--copy-ceiling` or its
+intra-cluster diversity falls below `--diversity-floor` times the base's; among the rest, the lowest mean KID
+wins; the techniques it does not beat are tied with it, and among the tied the cheapest (artifact bytes, then
+CPU-minutes) is recommended. A killed compare resumes: finished runs keep their `eval.json`, an interrupted run
+resumes from its checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +33,7 @@ from genadapt.models import base_samples, run_samples
 from genadapt.recipes import adapt
 from genadapt.runs import write_json
 
+
 @dataclass
 class ComparePlan:
     techniques: list[str]
@@ -30,20 +44,28 @@ class ComparePlan:
     runs: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     estimated_minutes: float = 0.0
+    replicates: int = 1
 
 
-def run_name(technique: str, shots: int) -> str:
-    return f"{technique}-{shots}shot"
+def run_name(technique: str, shots: int, replicate: int = 0) -> str:
+    return f"{technique}-{shots}shot-r{replicate}"
 
 
-def adapt_config(settings: CompareConfig, technique: str, shots: int, steps: int, out: Path) -> AdaptConfig:
-    """The adapt run `compare` makes of a technique: its registered compare preset on the shared settings."""
+def parse_run_name(name: str) -> tuple[str, int, int]:
+    technique, shots, replicate = name.rsplit("-", 2)
+    return technique, int(shots.removesuffix("shot")), int(replicate.removeprefix("r"))
+
+
+def adapt_config(settings: CompareConfig, technique: str, shots: int, steps: int, out: Path, replicate: int = 0) -> AdaptConfig:
+    """The adapt run `compare` makes of a technique: its registered compare preset on the shared settings.
+    Replicate r trains with seed + r: another draw of the k shots where the pool allows, another initialisation
+    and other noise."""
     from genadapt import techniques
     from genadapt.families import family_module
 
     family = settings.family
     values = {
-        "base": settings.base, "data": settings.data, "shots": shots, "seed": settings.seed, "steps": steps,
+        "base": settings.base, "data": settings.data, "shots": shots, "seed": settings.seed + replicate, "steps": steps,
         "batch_size": settings.batch_size, "checkpointing_steps": max(10, steps // 4), "out": out,
         **({"caption": settings.caption} if family == "diffusion" else {}),
         **family_module(family).COMPARE,
@@ -77,20 +99,27 @@ def probe(settings: CompareConfig, scratch: Path) -> tuple[dict[str, float], flo
 
 
 def make_plan(settings: CompareConfig, per_step: dict[str, float], per_sample: float) -> ComparePlan:
-    """One step count for every run that fits the budget; the most expensive runs are dropped first."""
-    runs = [(t, s) for t in settings.techniques for s in settings.shots]
+    """The most replicates (up to --replicates) at which every run still gets --min-steps, then one step count for all
+    runs that fits the budget; with one replicate too many, the most expensive runs are dropped first."""
     budget = settings.budget_minutes * 60
+    cap = settings.max_steps or (1000 if settings.family == "gan" else 400)
 
-    def cost(selected, steps):
-        eval_seconds = (len(selected) + 1) * settings.samples * per_sample
-        return sum(per_step[t] * steps + per_step[t + ":setup"] for t, _ in selected) + eval_seconds
+    def cost(selected, steps, replicates):
+        eval_seconds = (len(selected) + replicates) * settings.samples * per_sample
+        return sum(per_step[t] * steps + per_step[t + ":setup"] for t, _, _ in selected) + eval_seconds
+
+    def fitting_steps(selected, replicates):
+        return int((budget - cost(selected, 0, replicates)) / max(1e-9, sum(per_step[t] for t, _, _ in selected)))
 
     dropped = []
+    for replicates in range(settings.replicates, 0, -1):
+        runs = [(t, s, r) for r in range(replicates) for t in settings.techniques for s in settings.shots]
+        if fitting_steps(runs, replicates) >= settings.min_steps:
+            break
     while runs:
-        fixed = cost(runs, 0)
-        steps = int((budget - fixed) / max(1e-9, sum(per_step[t] for t, _ in runs)))
+        steps = fitting_steps(runs, replicates)
         if steps >= settings.min_steps:
-            steps = min(steps, settings.max_steps or (1000 if settings.family == "gan" else 400))
+            steps = min(steps, cap)
             break
         worst = max(runs, key=lambda run: (per_step[run[0]], run[1]))
         runs.remove(worst)
@@ -104,9 +133,10 @@ def make_plan(settings: CompareConfig, per_step: dict[str, float], per_sample: f
         steps=steps,
         seconds_per_step={k: round(v, 4) for k, v in per_step.items()},
         seconds_per_sample=round(per_sample, 4),
-        runs=[run_name(t, s) for t, s in runs],
+        runs=[run_name(t, s, r) for t, s, r in runs],
         dropped=dropped,
-        estimated_minutes=round(cost(runs, steps) / 60, 2),
+        estimated_minutes=round(cost(runs, steps, replicates) / 60, 2),
+        replicates=replicates,
     )
 
 
@@ -147,12 +177,26 @@ def hold_out(settings: CompareConfig, out: Path) -> CompareConfig:
 
 
 def compare(settings: CompareConfig) -> dict:
-    """Plan, run, evaluate, report, as the only writer of `settings.out`. Returns the results dict written to results.json."""
+    """Plan, run, evaluate, decide, report, as the only writer of `settings.out`. Returns what results.json holds."""
     from genadapt.runfolder import RunLock, prepare_out
 
     prepare_out(settings.out, settings.data)
     with RunLock(settings.out):
         return _compare(settings)
+
+
+def _features_of(images, path: Path):
+    """The eval encoder's features of a sample set, kept beside its evaluation so a resumed compare reuses them."""
+    from safetensors.torch import load_file
+
+    from genadapt.eval.features import cached_features, get_extractor
+    from genadapt.runs import save_safetensors
+
+    if path.is_file():
+        return load_file(path)["features"]
+    features = cached_features(get_extractor("pocket"), images).float().cpu()
+    save_safetensors(path, {"features": features})
+    return features
 
 
 def _compare(settings: CompareConfig) -> dict:
@@ -163,15 +207,15 @@ def _compare(settings: CompareConfig) -> dict:
     from genadapt.eval.report import write_compare_report
 
     out = Path(settings.out)
-    out.mkdir(parents=True, exist_ok=True)
     if settings.reference is None:
         settings = hold_out(settings, out)
     plan_path = out / "plan.json"
     if plan_path.is_file():
         plan = ComparePlan(**json.loads(plan_path.read_text()))  # resume: keep the plan the finished runs used
     elif settings.steps is not None:
-        runs = [run_name(t, s) for t in settings.techniques for s in settings.shots]
-        plan = ComparePlan(settings.techniques, settings.shots, settings.steps, {}, 0.0, runs=runs, estimated_minutes=0.0)
+        replicates = settings.replicates
+        runs = [run_name(t, s, r) for r in range(replicates) for t in settings.techniques for s in settings.shots]
+        plan = ComparePlan(settings.techniques, settings.shots, settings.steps, {}, 0.0, runs=runs, estimated_minutes=0.0, replicates=replicates)
         write_json(plan_path, asdict(plan))
     else:
         probe_started = time.time()
@@ -184,26 +228,37 @@ def _compare(settings: CompareConfig) -> dict:
 
     reference = load_dataset(settings.reference, resolution=32)
     results = {"settings": json.loads((out / "settings.json").read_text()), "plan": asdict(plan), "runs": {}}
+    features = {"reference": _features_of(reference, out / "reference_features.safetensors")}
     started = time.time()
-    bar = tqdm(total=len(plan.runs) + 1, desc="compare", unit="run")
-    baseline_path = out / "base" / "eval.json"
-    if not baseline_path.is_file():
-        shots = load_dataset(settings.data, resolution=32, shots=max(settings.shots), seed=settings.seed, caption=settings.caption)
-        samples = base_samples(settings.base, settings.samples, shots.captions, settings.seed, settings.sample_steps)
-        evaluation = evaluate(samples, reference, shots, out=out / "base")
-        write_json(baseline_path, {"technique": "base", "shots": max(settings.shots), "evaluation": evaluation})
-    results["runs"]["base"] = json.loads(baseline_path.read_text())
-    bar.update(1)
+    bar = tqdm(total=len(plan.runs) + plan.replicates, desc="compare", unit="run")
+    for replicate in range(plan.replicates):
+        seed = settings.seed + replicate
+        folder = out / ("base" if replicate == 0 else f"base-r{replicate}")
+        largest = load_dataset(settings.data, resolution=32, shots=max(settings.shots), seed=seed, caption=settings.caption)
+        samples = None
+        for shots in settings.shots:
+            name = f"base-{shots}shot-r{replicate}"
+            path = folder / f"eval-{shots}shot.json"
+            if not path.is_file():
+                if samples is None:
+                    samples = base_samples(settings.base, settings.samples, largest.captions, seed, settings.sample_steps)
+                train_shots = load_dataset(settings.data, resolution=32, shots=shots, seed=seed)
+                evaluation = evaluate(samples, reference, train_shots, out=folder if shots == max(settings.shots) else None)
+                write_json(path, {"technique": "base", "shots": shots, "replicate": replicate, "evaluation": evaluation})
+            results["runs"][name] = json.loads(path.read_text())
+        features[f"base-r{replicate}"] = _features_of(samples, folder / "sample_features.safetensors")
+        bar.update(1)
+    results["runs"]["base"] = results["runs"][f"base-{max(settings.shots)}shot-r0"]
     for name in plan.runs:
-        technique, shots = name.rsplit("-", 1)[0], int(name.rsplit("-", 1)[1].replace("shot", ""))
+        technique, shots, replicate = parse_run_name(name)
         run = out / "runs" / name
         eval_path = run / "eval.json"
         if not eval_path.is_file():
             run_started = time.time()
-            config = adapt_config(settings, technique, shots, plan.steps, run)
-            adapt(config)
-            train_shots = load_dataset(settings.data, resolution=32, shots=shots, seed=settings.seed)
-            samples = run_samples(run, settings.samples, settings.seed, steps=settings.sample_steps)
+            adapt(adapt_config(settings, technique, shots, plan.steps, run, replicate))
+            train_shots = load_dataset(settings.data, resolution=32, shots=shots, seed=settings.seed + replicate)
+            samples = run_samples(run, settings.samples, settings.seed + replicate, steps=settings.sample_steps)
+            _features_of(samples, run / "eval" / "sample_features.safetensors")
             evaluation = evaluate(samples, reference, train_shots, out=run / "eval")
             summary = json.loads((run / "summary.json").read_text())
             write_json(
@@ -211,6 +266,7 @@ def _compare(settings: CompareConfig) -> dict:
                 {
                     "technique": technique,
                     "shots": shots,
+                    "replicate": replicate,
                     "steps": plan.steps,
                     "trainable_parameters": summary["trainable_parameters"],
                     "artifact_bytes": summary["artifact_bytes"],
@@ -220,39 +276,91 @@ def _compare(settings: CompareConfig) -> dict:
                 },
             )
         results["runs"][name] = json.loads(eval_path.read_text())
+        features[name] = _features_of(None, run / "eval" / "sample_features.safetensors")
         bar.update(1)
+        tqdm.write(f"{name}: KID {results['runs'][name]['evaluation']['kid']['value']:.4f}")
     bar.close()
-    results["recommendation"] = recommend(results, plan)
+    results["recommendation"] = recommend(results, plan, settings, features)
     results["wall_minutes_this_session"] = round((time.time() - started) / 60, 2)
     write_json(out / "results.json", results)
     write_compare_report(results, out)
     return results
 
 
-def recommend(results: dict, plan: ComparePlan) -> list[dict]:
-    """Per shot count: the lowest KID, unless its CI overlaps the runner-up's (too close to call)."""
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def recommend(results: dict, plan: ComparePlan, settings: CompareConfig, features: dict) -> list[dict]:
+    """Per shot count, the declared rule of the module docstring, with its evidence."""
+    from genadapt.eval.paired import PairedKID, pooled_difference
+
+    runs = results["runs"]
+    reference = features["reference"]
+    scorers = {r: PairedKID(reference, settings.samples, seed=settings.seed + r) for r in range(plan.replicates)}
     advice = []
     for shots in plan.shots:
-        candidates = [
-            (name, r) for name, r in results["runs"].items() if name != "base" and r["shots"] == shots
-        ]
-        if not candidates:
+        by_technique: dict[str, list[int]] = {}
+        for name in plan.runs:
+            technique, s, r = parse_run_name(name)
+            if s == shots and name in runs:
+                by_technique.setdefault(technique, []).append(r)
+        if not by_technique:
             continue
-        ranked = sorted(candidates, key=lambda item: item[1]["evaluation"]["kid"]["value"])
-        best_name, best = ranked[0]
-        kid = best["evaluation"]["kid"]
-        entry = {
-            "shots": shots,
-            "technique": best["technique"],
-            "kid": kid,
-            "copy_rate": best["evaluation"].get("memorisation", {}).get("copy_rate"),
-            "too_close_to_call_with": [],
-        }
-        for name, other in ranked[1:]:
-            other_kid = other["evaluation"]["kid"]
-            if other_kid["ci_low"] <= kid["ci_high"]:
-                entry["too_close_to_call_with"].append(other["technique"])
-        base_kid = results["runs"]["base"]["evaluation"]["kid"]
-        entry["beats_base"] = kid["ci_high"] < base_kid["ci_low"]
+        scores = {t: {r: scorers[r].scores(features[run_name(t, shots, r)]) for r in reps} for t, reps in by_technique.items()}
+        base_scores = {r: scorers[r].scores(features[f"base-r{r}"]) for r in range(plan.replicates)}
+        base_runs = [runs[f"base-{shots}shot-r{r}"] for r in range(plan.replicates)]
+        base_diversity = _mean([b["evaluation"].get("intra_cluster_diversity", {}).get("value", 0.0) for b in base_runs])
+
+        def paired(a: str, b: str | None) -> dict:
+            reps = sorted(set(scores[a]) & (set(scores[b]) if b else set(base_scores)))
+            other = scores[b] if b else base_scores
+            return pooled_difference([scores[a][r] for r in reps], [other[r] for r in reps])
+
+        table = {}
+        for technique, reps in by_technique.items():
+            evaluations = [runs[run_name(technique, shots, r)] for r in reps]
+            kids = [scores[technique][r][0] for r in reps]
+            copy_rate = _mean([e["evaluation"].get("memorisation", {}).get("copy_rate", 0.0) for e in evaluations])
+            diversity = _mean([e["evaluation"].get("intra_cluster_diversity", {}).get("value", 0.0) for e in evaluations])
+            reasons = []
+            if copy_rate > settings.copy_ceiling:
+                reasons.append(f"copies {copy_rate:.0%} of its samples (ceiling {settings.copy_ceiling:.0%})")
+            if base_diversity > 0 and diversity < settings.diversity_floor * base_diversity:
+                reasons.append(f"diversity {diversity:.3f} is below {settings.diversity_floor:g}x the base's {base_diversity:.3f}")
+            table[technique] = {
+                "technique": technique, "replicates": len(reps), "kid": _mean(kids), "kid_per_replicate": kids,
+                "kid_spread": (max(kids) - min(kids)) if len(kids) > 1 else 0.0, "copy_rate": copy_rate, "diversity": diversity,
+                "trainable_parameters": evaluations[0]["trainable_parameters"], "artifact_bytes": _mean([e["artifact_bytes"] for e in evaluations]),
+                "cpu_minutes": _mean([e["cpu_minutes"] for e in evaluations]), "vs_base": paired(technique, None),
+                "disqualified": reasons,
+            }
+        qualified = sorted((t for t in table if not table[t]["disqualified"]), key=lambda t: table[t]["kid"])
+        entry = {"shots": shots, "techniques": table, "base_kid": _mean([base_scores[r][0] for r in base_scores]),
+                 "base_diversity": base_diversity, "rule": {"copy_ceiling": settings.copy_ceiling, "diversity_floor": settings.diversity_floor,
+                                                           "tie_break": "smallest artifact, then fewest CPU-minutes"}}
+        if not qualified:
+            entry.update({"technique": None, "tied_with": [], "comparisons": {}})
+            advice.append(entry)
+            continue
+        winner = qualified[0]
+        comparisons = {other: paired(winner, other) for other in qualified[1:]}
+        tied = [other for other, result in comparisons.items() if result["ci_high"] >= 0]
+        pick = min([winner, *tied], key=lambda t: (table[t]["artifact_bytes"], table[t]["cpu_minutes"]))
+        entry.update({
+            "fidelity_winner": winner, "technique": pick, "tied_with": tied, "comparisons": comparisons,
+            "kid": table[pick]["kid"], "copy_rate": table[pick]["copy_rate"],
+            "beats_base": table[pick]["vs_base"]["ci_high"] < 0,
+            "detectable": max([c["detectable"] for c in comparisons.values()] or [table[pick]["vs_base"]["detectable"]]),
+            "settings": {k: v for k, v in _preset(settings, pick).items() if k != "train"},
+        })
         advice.append(entry)
     return advice
+
+
+def _preset(settings: CompareConfig, technique: str) -> dict:
+    from genadapt import techniques
+
+    return techniques.compare_presets(settings.family)[technique]
+
+
