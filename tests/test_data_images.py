@@ -127,6 +127,48 @@ def test_mixed_folder_skips_and_reports_or_refuses_when_strict(tmp_path):
     assert sorted(item["file"] for item in report["unusable"]) == ["bomb.png", "empty.png", "text.png", "tiny.png", "truncated.png"]
 
 
+def test_skipped_files_are_warned_one_line_each_and_kept_in_the_manifest(tmp_path, capsys):
+    _write_all_formats(tmp_path)
+    expected = _write_bad_files(tmp_path)
+    images = load_dataset(str(tmp_path), resolution=16)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == f"warning: skipped 5 unusable file(s) in {tmp_path} (--strict refuses them instead):"
+    assert len(lines) == 6 and all(line.startswith("warning: ") for line in lines)
+    for name, reason in expected.items():  # one line per file, naming it with its reason
+        assert [line for line in lines[1:] if f"{tmp_path / name}:" in line and reason in line], name
+    assert sorted(images.manifest()["skipped"]) == sorted(line.removeprefix("warning:   ") for line in lines[1:])
+    load_dataset(str(tmp_path), resolution=16, shots=3)  # compare/evaluate reload a folder: no repeat
+    assert capsys.readouterr().err == ""
+    with pytest.raises(DataError) as error:
+        load_dataset(str(tmp_path), resolution=16, strict=True)
+    assert str(error.value).startswith(f"{tmp_path / 'bomb.png'}: ") and "(and 4 more); --strict refuses" in str(error.value)
+
+
+def test_dangling_image_symlinks_are_reported_not_dropped(tmp_path):
+    _gradient().save(tmp_path / "a.png")
+    (tmp_path / "b.png").symlink_to(tmp_path / "moved-away.png")
+    images = load_dataset(str(tmp_path), resolution=16)
+    assert len(images) == 1 and len(images.skipped) == 1 and str(tmp_path / "b.png") in images.skipped[0]
+    assert [item["file"] for item in inspect_folder(tmp_path)["unusable"]] == ["b.png"]
+
+
+def test_unlistable_subfolder_is_an_error(tmp_path, monkeypatch):
+    import os
+
+    _gradient().save(tmp_path / "a.png")
+    (tmp_path / "sub").mkdir()
+    real = os.scandir
+
+    def scandir(path="."):  # root can list mode-000 folders: fail the listing as it would for a user
+        if str(path).endswith("sub"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataError, match=r"sub: cannot list folder \(Permission denied\); fix its permissions"):
+        load_dataset(str(tmp_path), resolution=16)
+
+
 def test_folders_without_usable_images_refuse(tmp_path):
     with pytest.raises(DataError, match="no images found"):
         load_dataset(str(tmp_path))

@@ -74,6 +74,72 @@ def test_cache_key_changes_with_the_pixels_and_with_the_extractor(tmp_path):
     assert len(list(tmp_path.rglob("*.safetensors"))) == 3
 
 
+class Pool(nn.Module):
+    """A weightless extractor whose output depends on a plain attribute (no extra_repr: same repr)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def forward(self, images):
+        return nn.functional.adaptive_avg_pool2d(images, self.size).flatten(1)
+
+
+class Normalised(nn.Module):
+    """Weightless too: mean and std are non-persistent buffers (not in state_dict)."""
+
+    def __init__(self, mean: float) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.full((1, 3, 1, 1), mean), persistent=False)
+
+    def forward(self, images):
+        return (images - self.mean).mean(dim=(2, 3))
+
+
+def test_weightless_modules_with_other_settings_never_share_cache_entries(tmp_path):
+    four, eight = Fe.get_extractor(Pool(4)), Fe.get_extractor(Pool(8))
+    assert four.extractor_id != eight.extractor_id
+    assert Fe.extractor_cache_key(four) != Fe.extractor_cache_key(eight)
+    feats4 = Fe.cached_features(four, images(0), tmp_path, progress=False)
+    feats8 = Fe.cached_features(eight, images(0), tmp_path, progress=False)
+    assert feats4.shape == (10, 3 * 16) and feats8.shape == (10, 3 * 64)
+    # A later run: new instances, same cache folder. Pool(4) hits its own entry, Pool(8) its own.
+    again = Fe.get_extractor(Pool(4))
+    assert Fe.extractor_cache_key(again) == Fe.extractor_cache_key(four)
+    assert torch.equal(Fe.cached_features(again, images(0), tmp_path, progress=False), feats4)
+    assert torch.equal(Fe.cached_features(Fe.get_extractor(Pool(8)), images(0), tmp_path, progress=False), feats8)
+    assert len(list(tmp_path.rglob("*.safetensors"))) == 2
+
+
+def test_non_persistent_buffers_and_own_ids_are_in_the_key(tmp_path):
+    zero, half = Fe.get_extractor(Normalised(0.0)), Fe.get_extractor(Normalised(0.5))
+    assert Fe.state_dict_sha256(zero.module) == Fe.state_dict_sha256(half.module)  # what the old id hashed
+    assert zero.extractor_id != half.extractor_id
+    assert not torch.allclose(
+        Fe.cached_features(zero, images(0), tmp_path, progress=False), Fe.cached_features(half, images(0), tmp_path, progress=False)
+    )
+    # Modules carrying the same id of their own still get different keys when they differ.
+    a, b = Pool(2), Pool(3)
+    a.extractor_id = b.extractor_id = "mine@v1"
+    assert Fe.get_extractor(a) is a and Fe.extractor_cache_key(a) != Fe.extractor_cache_key(b)
+    assert Fe.cached_features(a, images(0), tmp_path, progress=False).shape != Fe.cached_features(b, images(0), tmp_path, progress=False).shape
+
+
+def test_a_changed_weight_changes_the_key_even_in_the_same_wrapper(tmp_path):
+    module = Counting()
+    extractor = Fe.get_extractor(module)
+    key = Fe.extractor_cache_key(extractor)
+    before = Fe.cached_features(extractor, images(0), tmp_path, progress=False)
+    assert Fe.extractor_cache_key(extractor) == key  # the call counter changed; the key did not
+    with torch.no_grad():
+        module.conv.bias[0] += 1.0
+    assert Fe.extractor_cache_key(extractor) != key
+    calls = module.calls
+    after = Fe.cached_features(extractor, images(0), tmp_path, progress=False)
+    assert module.calls > calls and not torch.allclose(after[:, 0], before[:, 0]) and torch.allclose(after[:, 1:], before[:, 1:])
+    assert Fe.get_extractor(module).extractor_id != extractor.extractor_id  # a new wrapper: a new id too
+
+
 def test_image_sets_are_keyed_by_their_uint8_pixels(tmp_path, monkeypatch):
     monkeypatch.setenv("GENADAPT_CACHE", str(tmp_path))
     pixels = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)

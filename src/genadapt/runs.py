@@ -85,7 +85,7 @@ def read_safetensors(path: Path, what: str = "weights") -> dict:
 
     path = Path(path)
     if not os.path.lexists(path):
-        raise UserError(f"{path}: no such file ({what}); check the path, or re-export the model folder")
+        raise UserError(f"{path}: no such file ({what}); check the path")
     if path.is_dir():
         raise UserError(f"{path}: is a folder, not a .safetensors file ({what}); pass the file, or remove the folder")
     try:

@@ -28,6 +28,7 @@ def inspect(data: str, caption=None, caption_extension=".txt", caption_column="t
         "labels": dict(Counter(r.label for r in images.records).most_common()),
         "exact_duplicates": [],
         "near_duplicates": [],
+        "metadata_unmatched": [],
     }
 
 
@@ -46,6 +47,9 @@ def render_report(report: dict) -> str:
         lines.append(f"    e.g. {example!r}")
     for label, count in list(report.get("labels", {}).items())[:12]:
         lines.append(f"  {label}: {count}")
+    if report.get("metadata_unmatched"):
+        names = report["metadata_unmatched"]
+        lines.append(f"  metadata rows naming no image file (captions unused): {', '.join(names[:10])}" + (f" and {len(names) - 10} more" if len(names) > 10 else ""))
     for group in report["exact_duplicates"]:
         lines.append("  exact duplicates: " + ", ".join(group))
     for pair in report["near_duplicates"]:

@@ -9,14 +9,23 @@ resizing). `get_extractor` builds one from a spec:
     "inception:PATH"  the standard FID Inception-v3 from pytorch-fid's weights at PATH
     an nn.Module      your own network (wrapped; see `ModuleExtractor`)
 
-`cached_features` stores feats on disk keyed by (extractor_id, sha256 of the pixels), so scoring
-many runs against one reference set extracts the reference once.
+`cached_features` stores feats on disk keyed by (`extractor_cache_key`, sha256 of the pixels), so
+scoring many runs against one reference set extracts the reference once. The key covers everything
+that decides the features, read when the cache is asked: the extractor's class (qualified name) and
+forward code, its repr, every attribute of it and its submodules (settings such as a pooling size or
+an input resolution, normalisation constants), all parameters and buffers (persistent or not), the
+extractor_id and `extract`'s own preprocessing (a wrapped module's attributes are read when it is
+wrapped: see `ModuleExtractor`). Two extractors that could give different features never share an
+entry, whatever ids they carry; entries written under the old key (extractor_id alone) are never read.
 """
 
 from __future__ import annotations
 
+import enum
+import functools
 import hashlib
 import re
+import types
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +46,7 @@ def tensors_sha256(tensors: dict) -> str:
     for key, tensor in sorted(tensors.items()):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy
     return digest.hexdigest()
 
 
@@ -45,20 +54,118 @@ def state_dict_sha256(module: nn.Module) -> str:
     return tensors_sha256(module.state_dict())
 
 
+# What `extract` does to images before the extractor sees them; change the text when that changes.
+EXTRACT_PREPROCESSING = "float32 NCHW RGB in [-1, 1] (uint8 / 127.5 - 1), no resizing; extract v2"
+CACHE_FORMAT = "genadapt feature cache v2"  # v1 keyed by extractor_id alone: weightless modules collided
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}  # hooks and registries; train/eval mode counts
+_DEPTH = 6
+
+
+def _code_digest(function) -> str:
+    """A stable digest of a Python function's code (consts, names, bytecode), or its name for builtins."""
+    code = getattr(function, "__code__", None)
+    if code is None:
+        return f"{getattr(function, '__module__', '')}.{getattr(function, '__qualname__', type(function).__qualname__)}"
+
+    def walk(code: types.CodeType) -> str:
+        consts = [walk(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts]  # nested code: no addresses
+        return f"{code.co_code.hex()}|{code.co_names}|{code.co_varnames}|{consts}"
+
+    return hashlib.sha256(walk(code).encode()).hexdigest()[:16]
+
+
+def _qualified(kind: type) -> str:
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _describe(value, depth: int = 0, seen: frozenset = frozenset()) -> str:
+    """A text that differs whenever `value` could make a module behave differently."""
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes, enum.Enum, torch.dtype, torch.device)):
+        return f"{type(value).__qualname__}:{value!r}"
+    if isinstance(value, torch.Tensor):
+        return f"tensor:{tensors_sha256({'': value})}"
+    if isinstance(value, np.ndarray):
+        return f"array:{value.dtype}:{value.shape}:{hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()}"
+    if isinstance(value, type):
+        return f"type:{_qualified(value)}"
+    if id(value) in seen or depth > _DEPTH:
+        return f"{_qualified(type(value))}:..."
+    seen, depth = seen | {id(value)}, depth + 1
+    if isinstance(value, nn.Module):  # a module held outside `_modules` (a plain list, an attribute of an object)
+        return f"module:{_fingerprint(value, seen)}"
+    if isinstance(value, (list, tuple)):
+        return f"{type(value).__qualname__}[{', '.join(_describe(v, depth, seen) for v in value)}]"
+    if isinstance(value, (set, frozenset)):
+        return f"{type(value).__qualname__}{{{', '.join(sorted(_describe(v, depth, seen) for v in value))}}}"
+    if isinstance(value, dict):
+        items = sorted(f"{_describe(k, depth, seen)}: {_describe(v, depth, seen)}" for k, v in value.items())
+        return f"{type(value).__qualname__}{{{', '.join(items)}}}"
+    if isinstance(value, functools.partial):
+        return f"partial({_describe(value.func, depth, seen)}, {_describe(value.args, depth, seen)}, {_describe(value.keywords, depth, seen)})"
+    if isinstance(value, (types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
+        return f"function:{getattr(value, '__qualname__', '')}:{_code_digest(getattr(value, '__func__', value))}"
+    if hasattr(value, "__dict__"):
+        return f"{_qualified(type(value))}{_describe(vars(value), depth, seen)}"
+    return f"{_qualified(type(value))}:{value!r}"
+
+
+def _config_lines(module: nn.Module, prefix: str = "", seen: frozenset = frozenset()) -> list[str]:
+    """Class, forward code and every attribute of `module` and its submodules (not weights: hashed apart).
+
+    A module may define `extractor_config()` to state its settings itself, e.g. when some attribute
+    changes as it runs (a call counter) and would otherwise make every lookup a miss."""
+    kind = type(module)
+    lines = [f"{prefix}: {_qualified(kind)} forward={_code_digest(kind.forward)}"]
+    own = getattr(module, "extractor_config", None)
+    if callable(own):
+        return lines + [f"{prefix}.extractor_config()={_describe(own(), 0, seen)}"]
+    for key, value in sorted(vars(module).items()):
+        if key not in _MODULE_INTERNALS:
+            lines.append(f"{prefix}.{key}={_describe(value, 0, seen | {id(module)})}")
+    for name, child in module._modules.items():
+        lines += [f"{prefix}.{name}=None"] if child is None else _config_lines(child, f"{prefix}.{name}", seen)
+    return lines
+
+
+def _weights_sha256(module: nn.Module) -> str:
+    """Every parameter and buffer, persistent or not (state_dict() leaves out non-persistent buffers)."""
+    tensors = {f"parameter {name}": p for name, p in module.named_parameters(remove_duplicate=False)}
+    tensors.update({f"buffer {name}": b for name, b in module.named_buffers(remove_duplicate=False) if b is not None})
+    return tensors_sha256(tensors)
+
+
+def _fingerprint(module: nn.Module, seen: frozenset = frozenset()) -> str:
+    digest = hashlib.sha256(CACHE_FORMAT.encode())
+    for part in (_qualified(type(module)), repr(module), *_config_lines(module, "", seen), _weights_sha256(module)):
+        digest.update(part.encode() + b"\0")
+    return digest.hexdigest()
+
+
+def extractor_cache_key(extractor: nn.Module) -> str:
+    """The feature cache's key for `extractor` as it is now (see the module docstring): sha256 hex."""
+    digest = hashlib.sha256(f"{EXTRACT_PREPROCESSING}\0{getattr(extractor, 'extractor_id', None)}\0".encode())
+    digest.update(_fingerprint(extractor).encode())
+    return digest.hexdigest()
+
+
 class ModuleExtractor(nn.Module):
     """Wraps a user's module as an extractor: eval mode, outputs flattened to [N, D].
 
-    `extractor_id` is "<ClassName>@<first 12 hex of the state dict's sha256>", computed when
-    wrapped: changing the weights afterwards needs a new wrapper (or the cache goes stale). A
-    module whose behaviour is not captured by its weights (e.g. a parameter-free transform with
-    settings) should carry its own `extractor_id` attribute, which `get_extractor` then uses as is.
+    `extractor_id` is "<ClassName>@<first 12 hex of a sha256 over its class, repr, attributes,
+    parameters and buffers>", so two weightless modules with other settings (`Pool(4)`, `Pool(8)`)
+    get other ids. Its attributes are read when wrapped (a call counter does not defeat the cache);
+    the cache key re-reads the weights at every lookup, so changing them afterwards is safe.
     A module may return a tensor or a one-element list/tuple (pytorch-fid's InceptionV3 does).
     """
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         self.module = module.eval()
-        self.extractor_id = f"{type(module).__name__}@{state_dict_sha256(module)[:12]}"
+        self._config = _config_lines(module)
+        self.extractor_id = f"{type(module).__qualname__}@{_fingerprint(module)[:12]}"
+
+    def extractor_config(self) -> list[str]:
+        return self._config
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         feats = self.module(images)
@@ -179,15 +286,15 @@ def default_cache_dir() -> Path:
     return cache_dir() / "features"
 
 
-def cache_path(extractor_id: str, pixels_hash: str, cache_dir: Path | None = None) -> Path:
-    """One folder per extractor (readable name + a hash of the exact id), one file per image set."""
+def cache_path(extractor_id: str, pixels_hash: str, cache_dir: Path | None = None, key: str | None = None) -> Path:
+    """One folder per extractor (readable id + a hash of the full cache key), one file per image set."""
     readable = re.sub(r"[^A-Za-z0-9@._-]+", "_", extractor_id)[:64]
-    folder = f"{readable}-{hashlib.sha256(extractor_id.encode()).hexdigest()[:8]}"
+    folder = f"{readable}-{hashlib.sha256((key or extractor_id).encode()).hexdigest()[:16]}"
     return Path(cache_dir or default_cache_dir()) / folder / f"{pixels_hash}.safetensors"
 
 
 def cached_features(extractor: nn.Module, images, cache_dir: Path | None = None, batch_size: int = 256, progress: bool = True) -> torch.Tensor:
-    """`extract` with an on-disk cache keyed by (extractor_id, pixels_sha256(images)), stored as safetensors.
+    """`extract` with an on-disk cache keyed by (extractor_cache_key, pixels_sha256(images)), stored as safetensors.
 
     A file that cannot be read or whose recorded key differs is recomputed and replaced.
     """
@@ -199,15 +306,17 @@ def cached_features(extractor: nn.Module, images, cache_dir: Path | None = None,
     if not isinstance(extractor_id, str):
         raise UserError(f"{type(extractor).__name__} has no extractor_id; pass it through get_extractor() first")
     digest = pixels_sha256(images)
-    path = cache_path(extractor_id, digest, cache_dir)
+    key = extractor_cache_key(extractor)
+    path = cache_path(extractor_id, digest, cache_dir, key=key)
+    recorded = {"extractor_id": extractor_id, "cache_key": key, "pixels_sha256": digest}
     if path.is_file():
         try:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
-                if metadata.get("extractor_id") == extractor_id and metadata.get("pixels_sha256") == digest:
+                if all(metadata.get(name) == value for name, value in recorded.items()):
                     return handle.get_tensor("feats")
         except Exception:  # noqa: BLE001 - a damaged cache file is recomputed
             pass
     feats = extract(extractor, images, batch_size=batch_size, progress=progress)
-    save_safetensors(path, {"feats": feats}, metadata={"extractor_id": extractor_id, "pixels_sha256": digest, "count": str(len(feats))})
+    save_safetensors(path, {"feats": feats}, metadata={**recorded, "count": str(len(feats))})
     return feats

@@ -328,19 +328,36 @@ def load_stylegan2(
     ``which="generator_ema"`` (default) or ``"generator"`` picks the generator weights. Both models
     load with ``strict=True`` and are returned in ``eval()`` mode with gradients enabled.
     """
-    from safetensors.torch import load_file
+    from genadapt.errors import UserError
+    from genadapt.runs import read_safetensors
 
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder} is not a StyleGAN2 model folder (no config.json)")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{config_path}: cannot read the model config ({reason}); re-export the model folder") from None
     if which not in ("generator_ema", "generator"):
         raise ValueError(f"which must be 'generator_ema' or 'generator', got {which!r}")
-    g = Generator(**_module_kwargs(config["generator"]))
-    d = Discriminator(**_module_kwargs(config["discriminator"]))
-    g.load_state_dict(load_file(folder / WEIGHT_FILES[which]), strict=True)
-    d.load_state_dict(load_file(folder / WEIGHT_FILES["discriminator"]), strict=True)
+    try:
+        g = Generator(**_module_kwargs(config["generator"]))
+        d = Discriminator(**_module_kwargs(config["discriminator"]))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # an edited or foreign config.json
+        reason = (str(exc).splitlines() or [""])[0][:200]
+        raise UserError(f"{config_path}: not a StyleGAN2 config ({type(exc).__name__}: {reason}); re-export the model folder") from None
+    for module, role in ((g, which), (d, "discriminator")):
+        path = folder / WEIGHT_FILES[role]
+        kind = {"generator_ema": "EMA generator", "generator": "generator"}.get(role, "discriminator")
+        state = read_safetensors(path, f"StyleGAN2 {kind} weights")
+        try:
+            module.load_state_dict(state, strict=True)
+        except RuntimeError as exc:  # the message lists every key over many lines: keep the first detail
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            detail = (lines[1:] or lines or ["mismatched tensors"])[0][:200]
+            raise UserError(f"{path}: does not match {config_path.name} ({detail}); re-export the model folder") from None
     return g.to(device).eval(), d.to(device).eval(), config
 
 
