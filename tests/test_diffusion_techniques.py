@@ -113,7 +113,7 @@ def test_embedding_changes_only_new_rows_and_loads_in_diffusers(base, tmp_path):
     source = diffusion.load(base)
     rows_before = source.text_encoder.get_input_embeddings().weight.detach().clone()
     _run(base, tmp_path / "ti", train="embedding", token="<digit>", vectors=2, learning_rate=0.5)
-    learned = load_file(tmp_path / "ti" / "learned_embeds.safetensors")["<digit>"]
+    learned = load_file(tmp_path / "ti" / "learned_embeds.safetensors")["digit"]  # the trigger word A1111 users type: the file stem
     assert learned.shape == (2, rows_before.shape[1])
     assert load_file(tmp_path / "ti" / "digit.safetensors")["emb_params"].shape == (2, rows_before.shape[1])
     model = diffusion.load(base)

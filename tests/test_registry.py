@@ -108,10 +108,10 @@ def test_a_technique_registered_here_runs_through_adapt_compare_and_sample(base,
 
     assert "bitfit" in runner.invoke(app, ["compare", "--help"]).output
     _invoke(["compare", "--base", base, "--data", "builtin:digits/3", "--reference", "builtin:digits/3", "--shots", "2",
-             "--techniques", "bitfit", "--steps", "2", "--samples", "4", "--sample-steps", "1", "--out", str(tmp_path / "cmp")])
+             "--techniques", "bitfit", "--steps", "2", "--samples", "4", "--sample-steps", "1", "--replicates", "1", "--out", str(tmp_path / "cmp")])
     results = json.loads((tmp_path / "cmp" / "results.json").read_text())
-    assert set(results["runs"]) == {"base", "bitfit-2shot"}
-    assert json.loads((tmp_path / "cmp" / "runs" / "bitfit-2shot" / "run.json").read_text())["train"] == "bitfit"
+    assert set(results["runs"]) == {"base", "base-2shot-r0", "bitfit-2shot-r0"}
+    assert json.loads((tmp_path / "cmp" / "runs" / "bitfit-2shot-r0" / "run.json").read_text())["train"] == "bitfit"
 
 
 IGNORED = [
@@ -140,6 +140,23 @@ IGNORED = [
     (["--steps", "many"], "--steps: Input should be a valid integer"),
     (["--seed", str(2**64)], "--seed"),
     (["--no-such-flag", "1"], "No such option"),
+    # training settings a GAN run cannot honour (docs/training.md)
+    (["--base", "pocket-stylegan2", "--instance-prompt", "a flag"], "--instance-prompt applies to diffusion bases"),
+    (["--base", "pocket-stylegan2", "--resolution", "64"], "--resolution applies to diffusion bases"),
+    (["--base", "pocket-stylegan2", "--enable-bucket"], "--enable-bucket applies to diffusion bases"),
+    (["--base", "pocket-stylegan2", "--min-bucket-reso", "16"], "--min-bucket-reso applies to diffusion bases"),
+    (["--base", "pocket-stylegan2", "--center-crop"], "--center-crop applies to diffusion bases"),
+    (["--base", "pocket-stylegan2", "--random-crop"], "--random-crop applies to diffusion bases"),
+    (["--base", "pocket-stylegan2", "--random-flip"], "--random-flip applies to diffusion bases"),
+    (["--base", "pocket-stylegan2", "--caption-dropout", "0.1"], "--caption-dropout applies to diffusion bases"),
+    (["--base", "pocket-stylegan2", "--shuffle-caption"], "--shuffle-caption applies to diffusion bases"),
+    (["--base", "pocket-stylegan2", "--keep-tokens", "1"], "--keep-tokens applies to diffusion bases"),
+    (["--base", "pocket-stylegan2", "--snr-gamma", "5"], "--snr-gamma applies to diffusion bases"),
+    (["--base", "pocket-stylegan2", "--noise-offset", "0.1"], "--noise-offset applies to diffusion bases"),
+    (["--base", "pocket-stylegan2", "--use-ema"], "--use-ema applies to diffusion bases"),
+    (["--base", "pocket-stylegan2", "--ema-decay", "0.99"], "--ema-decay applies to diffusion bases"),
+    (["--base", "pocket-stylegan2", "--optimizer", "prodigy"], "--optimizer prodigy: GAN runs train with Adam"),
+    (["--base", "pocket-stylegan2", "--optimizer", "adafactor"], "--optimizer adafactor: GAN runs train with Adam"),
 ]
 
 

@@ -86,9 +86,32 @@ class TextualInversion:
         return [weight[ids].detach().float().cpu() for ids, weight in zip(self.token_ids, self.parameters(model))]
 
     def save(self, model, out: Path) -> list[Path]:
-        from genadapt.export.embeddings import save_embeddings
+        """The files under the trigger word users type (the file stem, see export/embeddings.py); the diffusers
+        file keeps the placeholder only when the tokenizer already holds the trigger (diffusers refuses it)."""
+        from genadapt.export.embeddings import given_output_name, save_embeddings, taken, trigger_word
 
-        return save_embeddings(self.token, self.learned(model), Path(out), model.extras.get("training_metadata", {}))
+        out = Path(out)
+        metadata = model.extras.get("training_metadata", {})
+        trigger = trigger_word(self.token, given_output_name(out, metadata))
+        diffusers_token = trigger
+        if trigger not in self.tokens and taken(trigger, self.vectors, [tokenizer for tokenizer, _ in model.text_encoders]):
+            print(f"note: the trigger {trigger!r} is already a word of the tokenizer, which diffusers' load_textual_inversion refuses, "
+                  f"so learned_embeds.safetensors keeps {self.token!r} ({trigger}.safetensors still triggers on {trigger!r} in A1111/ComfyUI); "
+                  "give --output-name a new word to have one trigger everywhere")
+            diffusers_token = self.token
+        files = save_embeddings(self.token, self.learned(model), out, metadata, trigger, diffusers_token)
+        captions = model.extras.get("captions")
+        if captions is not None:
+            # The loop writes prompts.json from this list after save: make it the prompts a user types, the word the
+            # diffusers file registers, which the pipeline expands to every vector (diffusers' maybe_convert_prompt;
+            # the spelled-out `<t> <t>_1` would be expanded a second time).
+            captions[:] = [self.typed(caption, diffusers_token) for caption in captions]
+        return files
+
+    def typed(self, caption: str, word: str) -> str:
+        """A training caption as a user types it: the placeholder's vectors (`<t> <t>_1`) become the trigger word."""
+        caption = caption.replace(" ".join(self.tokens), word)
+        return re.sub(re.escape(self.token) + r"(?!_\d)", word, caption)
 
 
 def load_textual_inversion(load_base, run: Path):

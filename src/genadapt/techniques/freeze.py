@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from genadapt.config import setting
 from genadapt.errors import UserError
 from genadapt.techniques import Implementation, Technique, register, set_trainable, trainable
-from genadapt.techniques.full import GAN_LR, load_diffusion_pipeline_run, load_gan_model_run, save_gan_model
+from genadapt.techniques.full import GAN_LR, SINGLE_FILE_HELP, load_diffusion_pipeline_run, load_gan_model_run, save_gan_model, save_pipeline_run
 
 PRESETS = {
     "attention": ["*attentions.*"],  # transformer blocks: self- and cross-attention, their norms and projections
@@ -44,6 +44,12 @@ class PatternSettings(BaseModel):
     preset: str | None = setting(None, "--train freeze: a named pattern set; diffusion attention, cross-attention, decoder, encoder, norms; GAN mapping, modulation, synthesis.")
 
 
+class DiffusionPatternSettings(PatternSettings):
+    """The diffusion freeze's settings: the patterns, and the single-file checkpoint (GANs have no such file)."""
+
+    save_single_file: bool = setting(False, SINGLE_FILE_HELP)
+
+
 class FreezeDSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     freeze_d: int | None = setting(None, "GAN: FreezeD, the discriminator's first N blocks stay frozen.  [default: --train freeze all but the last two; lora/embedding 0]", ge=0)
@@ -62,7 +68,8 @@ class DiffusionSelectiveFineTuning:
     name = "freeze"
     weight_decay = 1e-2
 
-    def __init__(self, settings: PatternSettings):
+    def __init__(self, settings: DiffusionPatternSettings):
+        self.single_file = getattr(settings, "save_single_file", False)
         trainable_patterns = list(settings.trainable)
         if settings.preset is not None:
             if settings.preset not in PRESETS:
@@ -84,6 +91,10 @@ class DiffusionSelectiveFineTuning:
         return chosen
 
     def prepare(self, model) -> None:
+        if self.single_file:
+            from genadapt.export.checkpoint import check_single_file
+
+            check_single_file(model)  # before training, not after it
         chosen = set(self.selected(model))
         if not chosen:
             examples = ", ".join(name for name, _ in list(model.named_parameters())[:3])
@@ -94,9 +105,7 @@ class DiffusionSelectiveFineTuning:
         return trainable(model)
 
     def save(self, model, out: Path) -> list[Path]:
-        from genadapt.families import diffusion
-
-        return [diffusion.save(model, Path(out) / "pipeline")]
+        return save_pipeline_run(model, out, self.single_file)
 
 
 def gan_matches(name: str, patterns: list[str]) -> bool:
@@ -185,7 +194,7 @@ register(Technique(
     summary="only parameters matching patterns or a preset train (FreezeD for GANs)",
     families={
         "diffusion": Implementation(
-            build=DiffusionSelectiveFineTuning, settings=PatternSettings, learning_rate=1e-5,
+            build=DiffusionSelectiveFineTuning, settings=DiffusionPatternSettings, learning_rate=1e-5,
             compare={"train": "freeze", "preset": "attention", "learning_rate": 2e-4}, load=load_diffusion_pipeline_run,
         ),
         # FreezeD with its default block count.

@@ -14,9 +14,28 @@ from genadapt.techniques import Implementation, NoSettings, Technique, register,
 GAN_LR = 0.002
 
 
+SINGLE_FILE_HELP = "--train full/freeze: also write <output-name>.safetensors, one file in the original SD 1.x layout (what A1111 lists)."
+
+
 class DiffusionFullSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     train_text_encoder: bool = setting(False, "--train full: also train the text encoder(s).")
+    save_single_file: bool = setting(False, SINGLE_FILE_HELP)
+
+
+def save_pipeline_run(model, out: Path, single_file: bool) -> list[Path]:
+    """The adapted pipeline folder, and with --save-single-file its one-file twin `<output name>.safetensors`."""
+    from genadapt.families import diffusion
+
+    out = Path(out)
+    files = [diffusion.save(model, out / "pipeline")]
+    if single_file:
+        from genadapt.export.checkpoint import save_single_file
+        from genadapt.export.embeddings import file_stem
+
+        name = file_stem(str(model.extras.get("training_metadata", {}).get("ss_output_name") or out.name))
+        files.append(save_single_file(model, out / f"{name}.safetensors", name))
+    return files
 
 
 class DiffusionFullFineTuning:
@@ -25,8 +44,13 @@ class DiffusionFullFineTuning:
 
     def __init__(self, settings: DiffusionFullSettings):
         self.trains_text_encoder = settings.train_text_encoder
+        self.single_file = settings.save_single_file
 
     def prepare(self, model) -> None:
+        if self.single_file:
+            from genadapt.export.checkpoint import check_single_file
+
+            check_single_file(model)  # before training, not after it
         model.unet.requires_grad_(True)
         if self.trains_text_encoder:
             for _, encoder in model.text_encoders:
@@ -36,9 +60,7 @@ class DiffusionFullFineTuning:
         return trainable(model)
 
     def save(self, model, out: Path) -> list[Path]:
-        from genadapt.families import diffusion
-
-        return [diffusion.save(model, Path(out) / "pipeline")]
+        return save_pipeline_run(model, out, self.single_file)
 
 
 def load_diffusion_pipeline_run(load_base, run: Path):

@@ -121,13 +121,26 @@ def load_diffusion_lora(load_base, run: Path):
     from genadapt.export.lora import DIFFUSERS_FILE
 
     model = load_base()
-    add_lora_file(model, Path(run) / DIFFUSERS_FILE, "run", 1.0)
+    add_lora_file(model, Path(run) / DIFFUSERS_FILE, "run", 1.0, what="run LoRA")
     return model
 
 
-def add_lora_file(model, file: Path, name: str, weight: float) -> None:
-    """Load a diffusers/kohya LoRA file as adapter `name`, composed with the adapters already loaded."""
-    model.pipeline.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+def add_lora_file(model, file: Path, name: str, weight: float, what: str = "--lora") -> None:
+    """Load a diffusers/kohya LoRA file as adapter `name`, composed with the adapters already loaded. The file is
+    checked first (`export.lora.check_lora_file`), so a bad one is a one-line UserError, never a traceback."""
+    import math
+
+    from genadapt.export.lora import check_lora_file
+
+    file = Path(file)
+    if not math.isfinite(weight):
+        raise UserError(f"--lora {file}:{weight}: the weight must be a finite number, e.g. --lora {file}:0.8")
+    check_lora_file(model, file, what)
+    try:
+        model.pipeline.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+    except (ValueError, KeyError, RuntimeError, TypeError, IndexError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{what} {file}: diffusers cannot load it ({first[:200]}); pass a diffusers or kohya LoRA of this base") from None
     adapters = model.extras.setdefault("adapters", {})
     adapters[name] = weight
     model.pipeline.set_adapters(list(adapters), adapter_weights=list(adapters.values()))
