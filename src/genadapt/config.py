@@ -92,7 +92,8 @@ class AdaptConfig(BaseModel):
     data: str = setting(..., "Folder of images, or builtin:... spec.", aliases=("--instance-data-dir", "--train-data-dir"))
     out: Path = setting(..., "Run folder; rerun the same command to resume.", aliases=("--output-dir",))
     output_name: str | None = setting(None, "File stem of the artifacts (the kohya LoRA file, the embedding file and its trigger word, the checkpoint).  [default: the run folder's name]", DIFFUSION)
-    caption: str | None = setting(None, "Prompt for images without a caption of their own.", DIFFUSION, aliases=("--instance-prompt",))
+    caption: str | None = setting(None, "Prompt for images without a caption of their own (a NAME.txt or metadata row).", DIFFUSION)
+    instance_prompt: str | None = setting(None, "Prompt for every image, replacing their own captions (diffusers' DreamBooth --instance_prompt).", DIFFUSION)
     caption_extension: str = setting(".txt", "Sidecar caption extension, kohya's NAME.txt beside NAME.png.", DIFFUSION)
     caption_column: str = setting("text", "Caption column of metadata.jsonl / metadata.csv (Hugging Face imagefolder).", DIFFUSION)
     shots: int | None = setting(None, "Use a deterministic k-shot subset of the data.", ge=1)
@@ -111,6 +112,28 @@ class AdaptConfig(BaseModel):
     background: str = setting("white", "Colour transparent images are composited on.")
     strict: bool = setting(False, "Stop on any unusable image instead of skipping it.")
     cpu: bool = setting(False, "Train on the CPU even when a GPU is present.")
+    # training sizes, data variation, schedule and optimiser (docs/training.md)
+    resolution: int | None = setting(None, "Training resolution (with --enable-bucket: buckets of about resolution² pixels).  [default: the base's native size]", DIFFUSION, ge=8)
+    enable_bucket: bool = setting(False, "Aspect-ratio bucketing (kohya): each image trains at the bucket nearest its aspect ratio; batches are drawn within a bucket.", DIFFUSION)
+    min_bucket_reso: int | None = setting(None, "--enable-bucket: the shortest bucket side.  [default: resolution / 2]", DIFFUSION, ge=8)
+    max_bucket_reso: int | None = setting(None, "--enable-bucket: the longest bucket side.  [default: resolution x 2]", DIFFUSION, ge=8)
+    bucket_reso_steps: int | None = setting(None, "--enable-bucket: bucket sides are multiples of this.  [default: the base's latent factor, 64 px for SD]", DIFFUSION, ge=1)
+    center_crop: bool = setting(False, "Crop at the center (genadapt's default; diffusers crops at random without it).", DIFFUSION)
+    random_crop: bool = setting(False, "Crop at a random position drawn every step (images are then VAE-encoded every step).", DIFFUSION)
+    random_flip: bool = setting(False, "Train on each image and its mirror: the same as --augment flip (kohya's --flip_aug).", DIFFUSION, aliases=("--flip-aug",))
+    caption_dropout: float = setting(0.0, "Probability that a caption is the empty prompt, per image and step (kohya's caption_dropout_rate).", DIFFUSION, ge=0, le=1, aliases=("--caption-dropout-rate",))
+    shuffle_caption: bool = setting(False, "Shuffle each caption's comma-separated tags every step, all but the first --keep-tokens (kohya).", DIFFUSION)
+    keep_tokens: int = setting(0, "--shuffle-caption: the leading tags kept in place.", DIFFUSION, ge=0)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"] = setting("constant", "Learning-rate schedule (diffusers' get_scheduler).")
+    lr_warmup_steps: int = setting(0, "Linear warmup over this many optimiser steps (not --lr-scheduler constant).", ge=0)
+    lr_num_cycles: int = setting(1, "--lr-scheduler cosine_with_restarts: the number of hard restarts.", ge=1, aliases=("--lr-scheduler-num-cycles",))
+    lr_power: float = setting(1.0, "--lr-scheduler polynomial: the power.", gt=0, aliases=("--lr-scheduler-power",))
+    optimizer: Literal["adamw", "adam", "adamw8bit", "prodigy", "adafactor"] = setting("adamw", "adamw, adam, adamw8bit (bitsandbytes, CUDA), prodigy, adafactor; GAN runs: adam or adamw.", aliases=("--optimizer-type",))
+    snr_gamma: float | None = setting(None, "Min-SNR loss weighting (Hang et al. 2023) with this gamma; 5 is the paper's.", DIFFUSION, gt=0, aliases=("--min-snr-gamma",))
+    noise_offset: float = setting(0.0, "Offset noise (Guttenberg): add this times one normal draw per image and channel to the noise.", DIFFUSION, ge=0)
+    use_ema: bool = setting(False, "Keep an EMA of the trained tensors and save it as the artifact (diffusers' EMAModel).", DIFFUSION)
+    ema_decay: float = setting(0.9999, "--use-ema: the decay, capped by EMAModel's (1 + n) / (10 + n) warm-up.", DIFFUSION, gt=0, lt=1)
+    report_to: Literal["none", "tensorboard"] = setting("none", "Also log loss terms, learning rate and sample grids as TensorBoard events in RUN/logs.", aliases=("--log-with",))
     # bookkeeping
     checkpointing_steps: int = setting(100, "Checkpoint every N steps (atomic; rerun to resume).", ge=1)
     sample_every: int = setting(0, "Write a sample grid every N steps (0: only at the end).", ge=0)
@@ -162,6 +185,9 @@ class AdaptConfig(BaseModel):
             if getattr(self, name) is None:
                 setattr(self, name, list(value) if isinstance(value, list) else value)
         check_augment(family, self.augment)
+        from genadapt.recipes.optim import check_settings
+
+        check_settings(self, family)  # optimiser, schedule, EMA and data settings that contradict each other
 
         parameter = techniques.get(self.train, "parameter", family)
         if self.learning_rate is None:
@@ -426,6 +452,24 @@ class CompareConfig(BaseModel):
     probe_steps: int = setting(2, "Steps of the timing probe per technique.", ge=1)
     sample_steps: int = setting(25, "Sampler steps for evaluation samples.", DIFFUSION, ge=1)
     reference_share: float = setting(0.3, "Without --reference: the share of --data held out as the reference.", gt=0, lt=1)
+    executor: Literal["local", "ray"] = setting("local", "Where the runs go: local (this machine, --jobs at a time) or ray (tasks on a Ray cluster).")
+    jobs: int = setting(1, "--executor local: runs at a time, each in its own process with one thread.", ge=1)
+    address: str | None = setting(None, "--executor ray: the cluster (auto, or ray://HOST:10001).  [default: start a local one]")
+    cpus_per_run: float = setting(1.0, "--executor ray: CPUs each run declares.", gt=0)
+    gpus_per_run: float = setting(0.0, "--executor ray: GPUs each run declares.", ge=0)
+    retries: int = setting(2, "--executor ray: retries of a run whose worker died or that raised, before it is reported as failed.", ge=0)
+
+    @model_validator(mode="after")
+    def _executor_settings(self):
+        def changed(name: str) -> bool:
+            return getattr(self, name) != type(self).model_fields[name].get_default()
+
+        ray_only = [name for name in ("address", "cpus_per_run", "gpus_per_run", "retries") if changed(name)]
+        if self.executor == "local" and ray_only:
+            raise UserError(f"{flag(ray_only[0])} applies to --executor ray")
+        if self.executor == "ray" and changed("jobs"):
+            raise UserError("--jobs applies to --executor local; Ray runs as many tasks as the cluster's resources allow (--cpus-per-run)")
+        return self
 
     @field_validator("shots", "techniques", mode="before")
     @classmethod

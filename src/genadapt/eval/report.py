@@ -140,7 +140,10 @@ def verdict(results: dict) -> list[str]:
             text += f"; <i>not clearly better than the unadapted base</i> (Δ {_delta(vs_base)})"
         ties = [t for t in [winner, *advice["tied_with"]] if t != pick]
         if ties:
-            tied_text = ", ".join(f"{html.escape(t)} (Δ {_delta(advice['comparisons'][t]) if t in advice['comparisons'] else 'lowest KID'})" for t in ties)
+            def tie(t: str) -> str:  # the paired difference winner − t; for the winner itself, winner − pick
+                return _delta(advice["comparisons"][pick if t == winner else t])
+
+            tied_text = ", ".join(f"{html.escape(t)}{' (lowest KID)' if t == winner else ''} (Δ {tie(t)})" for t in ties)
             sizes = ", ".join(f"{html.escape(t)} {_size(int(table[t]['artifact_bytes']))}" for t in ties)
             text += f"; tied with {tied_text}; {html.escape(pick)} is the cheapest of the tied ({_size(int(table[pick]['artifact_bytes']))} vs {sizes})"
         text += (f". Differences under {advice['detectable']:.4f} KID could not be detected with {settings.get('samples', '?')} samples"
@@ -155,7 +158,7 @@ def verdict_text(results: dict) -> list[str]:
     """`verdict` without the HTML emphasis, for a terminal."""
     import re
 
-    return [re.sub(r"</?[bi]>", "", line) for line in verdict(results)]
+    return [html.unescape(re.sub(r"</?[bi]>", "", line)) for line in verdict(results)]
 
 
 def write_compare_report(results: dict, out: Path) -> Path:

@@ -249,42 +249,90 @@ def _compare(settings: CompareConfig) -> dict:
         features[f"base-r{replicate}"] = _features_of(samples, folder / "sample_features.safetensors")
         bar.update(1)
     results["runs"]["base"] = results["runs"][f"base-{max(settings.shots)}shot-r0"]
+    todo = [name for name in plan.runs if not (out / "runs" / name / "eval.json").is_file()]
     for name in plan.runs:
-        technique, shots, replicate = parse_run_name(name)
-        run = out / "runs" / name
-        eval_path = run / "eval.json"
-        if not eval_path.is_file():
-            run_started = time.time()
-            adapt(adapt_config(settings, technique, shots, plan.steps, run, replicate))
-            train_shots = load_dataset(settings.data, resolution=32, shots=shots, seed=settings.seed + replicate)
-            samples = run_samples(run, settings.samples, settings.seed + replicate, steps=settings.sample_steps)
-            _features_of(samples, run / "eval" / "sample_features.safetensors")
-            evaluation = evaluate(samples, reference, train_shots, out=run / "eval")
-            summary = json.loads((run / "summary.json").read_text())
-            write_json(
-                eval_path,
-                {
-                    "technique": technique,
-                    "shots": shots,
-                    "replicate": replicate,
-                    "steps": plan.steps,
-                    "trainable_parameters": summary["trainable_parameters"],
-                    "artifact_bytes": summary["artifact_bytes"],
-                    "cpu_minutes": round((time.time() - run_started) / 60, 2),
-                    "train_minutes": round(summary["train_seconds"] / 60, 2),
-                    "evaluation": evaluation,
-                },
-            )
-        results["runs"][name] = json.loads(eval_path.read_text())
-        features[name] = _features_of(None, run / "eval" / "sample_features.safetensors")
+        if name not in todo:
+            bar.update(1)
+    failed = {}
+    for name, outcome in execute(settings, plan.steps, todo):
+        if isinstance(outcome, BaseException):
+            failed[name] = f"{type(outcome).__name__}: {str(outcome).strip().splitlines()[0] if str(outcome).strip() else ''}"
+            tqdm.write(f"{name}: failed after retries ({failed[name]})")
+        else:
+            tqdm.write(f"{name}: KID {outcome['evaluation']['kid']['value']:.4f}, {outcome['cpu_minutes']} CPU-min")
         bar.update(1)
-        tqdm.write(f"{name}: KID {results['runs'][name]['evaluation']['kid']['value']:.4f}")
+    for name in plan.runs:
+        if name in failed:
+            continue
+        results["runs"][name] = json.loads((out / "runs" / name / "eval.json").read_text())
+        features[name] = _features_of(None, out / "runs" / name / "eval" / "sample_features.safetensors")
+    results["failed"] = failed
     bar.close()
     results["recommendation"] = recommend(results, plan, settings, features)
     results["wall_minutes_this_session"] = round((time.time() - started) / 60, 2)
     write_json(out / "results.json", results)
     write_compare_report(results, out)
     return results
+
+
+def run_one(settings_values: dict, name: str, steps: int) -> dict:
+    """Adapt, sample and evaluate one run of a compare into OUT/runs/NAME/eval.json (resumable: a finished run is
+    read back, an interrupted one resumes from its checkpoint). A plain function of plain values, so a process
+    pool or a Ray worker can run it where the paths are visible."""
+    from genadapt.data import load_dataset
+    from genadapt.eval.evaluate import evaluate
+    from genadapt.runs import use_cpu
+
+    use_cpu()
+    settings = CompareConfig.model_validate(settings_values)
+    technique, shots, replicate = parse_run_name(name)
+    run = Path(settings.out) / "runs" / name
+    eval_path = run / "eval.json"
+    if eval_path.is_file():
+        return json.loads(eval_path.read_text())
+    cpu_started = time.process_time()
+    adapt(adapt_config(settings, technique, shots, steps, run, replicate))
+    reference = load_dataset(settings.reference, resolution=32)
+    train_shots = load_dataset(settings.data, resolution=32, shots=shots, seed=settings.seed + replicate)
+    samples = run_samples(run, settings.samples, settings.seed + replicate, steps=settings.sample_steps)
+    _features_of(samples, run / "eval" / "sample_features.safetensors")
+    evaluation = evaluate(samples, reference, train_shots, out=run / "eval")
+    summary = json.loads((run / "summary.json").read_text())
+    record = {
+        "technique": technique, "shots": shots, "replicate": replicate, "steps": steps,
+        "trainable_parameters": summary["trainable_parameters"], "artifact_bytes": summary["artifact_bytes"],
+        "cpu_minutes": round((time.process_time() - cpu_started) / 60, 2), "train_minutes": round(summary["train_seconds"] / 60, 2),
+        "evaluation": evaluation,
+    }
+    write_json(eval_path, record)
+    return record
+
+
+def execute(settings: CompareConfig, steps: int, names: list[str]):
+    """Yield (name, eval record or the exception it failed with) as runs finish, on the chosen executor."""
+    values = settings.model_dump(mode="json")
+    if settings.executor == "ray":
+        from genadapt.recipes.ray_executor import run_on_ray
+
+        yield from run_on_ray(settings, values, steps, names)
+        return
+    if settings.jobs <= 1:
+        for name in names:
+            yield name, run_one(values, name, steps)  # in-process: errors are the user's to see at once
+        return
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # One thread per job: N jobs on N cores never stall each other at OpenMP barriers.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    with ProcessPoolExecutor(max_workers=settings.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(run_one, values, name, steps): name for name in names}
+        for future in as_completed(futures):
+            try:
+                yield futures[future], future.result()
+            except Exception as exc:  # noqa: BLE001 - reported as a failed run, never dropped
+                yield futures[future], exc
 
 
 def _mean(values: list[float]) -> float:

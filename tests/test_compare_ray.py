@@ -1,0 +1,129 @@
+"""compare --executor ray: the same run folders and results as --executor local, a killed worker's run is retried,
+and a killed driver resumes without redoing finished runs. A local Ray cluster with 2 worker CPUs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from diffusion_fixtures import build_tiny_pipeline
+
+ray = pytest.importorskip("ray")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return str(build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd")))
+
+
+def _args(base, out, executor):
+    args = [sys.executable, "-m", "genadapt", "compare", "--base", base, "--data", "builtin:digits/3", "--reference", "builtin:digits/3",
+            "--shots", "2", "--techniques", "lora,embedding", "--steps", "6", "--samples", "4", "--sample-steps", "1", "--batch-size", "2",
+            "--replicates", "1", "--out", str(out)]
+    return args + (["--executor", "ray", "--cpus-per-run", "1"] if executor == "ray" else [])
+
+
+def _comparable(results: dict) -> dict:
+    """What must be identical across executors: every evaluation and the decision (not timings or paths)."""
+    runs = {}
+    for name, run in results["runs"].items():
+        evaluation = {k: v for k, v in run["evaluation"].items() if k != "samples"}
+        runs[name] = {"technique": run["technique"], "shots": run["shots"], "evaluation": evaluation, "artifact_bytes": run.get("artifact_bytes")}
+    decision = [(a["shots"], a.get("technique"), a.get("tied_with"), {t: r["kid"] for t, r in a["techniques"].items()}) for a in results["recommendation"]]
+    return {"runs": runs, "decision": decision, "failed": results.get("failed")}
+
+
+def _ray_workers() -> list[int]:
+    listing = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in listing.splitlines() if "ray::run_one" in line or "ray::lora" in line or "ray::embedding" in line]
+
+
+def test_ray_executor_matches_local_and_survives_a_killed_worker(base, tmp_path):
+    subprocess.run(_args(base, tmp_path / "local", "local"), env=ENV, check=True, capture_output=True, timeout=900)
+    local = json.loads((tmp_path / "local" / "results.json").read_text())
+
+    killed = []
+
+    def kill_one_worker():  # once a run is training on a worker, kill that worker process
+        deadline = time.time() + 300
+        log = tmp_path / "ray" / "runs" / "lora-2shot-r0" / "log.jsonl"
+        while time.time() < deadline and not killed:
+            if log.is_file() and log.read_text().strip():
+                for pid in _ray_workers():
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    break
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_one_worker)
+    watcher.start()
+    done = subprocess.run(_args(base, tmp_path / "ray", "ray"), env=ENV, capture_output=True, text=True, timeout=900)
+    watcher.join()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert killed, "no Ray worker was found to kill"
+    remote = json.loads((tmp_path / "ray" / "results.json").read_text())
+    assert _comparable(remote) == _comparable(local)
+    assert json.loads((tmp_path / "ray" / "runs" / "lora-2shot-r0" / "run.json").read_text())["train"] == "lora"
+
+
+def test_without_ray_the_executor_is_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from genadapt.cli import app
+
+    result = CliRunner().invoke(app, ["compare", "--data", "builtin:digits/3", "--jobs", "2", "--executor", "ray", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "--jobs applies to --executor local" in result.output
+    result = CliRunner().invoke(app, ["compare", "--data", "builtin:digits/3", "--address", "auto", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "--address applies to --executor ray" in result.output
+
+
+def test_the_slurm_template_parses_and_its_ray_start_commands_work_locally(tmp_path):
+    from pathlib import Path
+
+    template = Path(__file__).resolve().parents[1] / "examples" / "slurm_ray_compare.sbatch"
+    assert subprocess.run(["bash", "-n", str(template)]).returncode == 0
+    text = template.read_text()
+    assert "ray start --head" in text and 'ray start --address="$head_ip:$PORT"' in text and "--executor ray --address auto" in text
+    import tempfile
+
+    port = "6391"
+    short = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's socket paths must stay under 107 bytes
+    tmp_path = short
+    env = {**ENV, "RAY_TMPDIR": str(short), "RAY_AUTH_MODE": "disabled"}  # a throwaway local cluster: no token to share
+    try:
+        ray_cli = str(Path(sys.executable).parent / "ray")
+        head = subprocess.run([ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1", "--num-gpus=0",
+                               "--include-dashboard=false", f"--temp-dir={tmp_path}"], env=env, capture_output=True, text=True, timeout=180)
+        assert head.returncode == 0, head.stderr[-2000:]
+        worker = subprocess.run([ray_cli, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--num-gpus=0"], env=env, capture_output=True, text=True, timeout=180)
+        assert worker.returncode == 0, worker.stderr[-2000:]
+        status = subprocess.run([ray_cli, "status", f"--address=127.0.0.1:{port}"], env=env, capture_output=True, text=True, timeout=120)
+        assert status.returncode == 0 and "2.0 CPU" in status.stdout.replace("0.0/2.0 CPU", "2.0 CPU"), status.stdout
+    finally:
+        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_missing_ray_is_one_line_with_the_install_command(monkeypatch, tmp_path):
+    import builtins
+
+    from genadapt.errors import UserError
+    from genadapt.recipes import ray_executor
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray":
+            raise ImportError("No module named 'ray'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    with pytest.raises(UserError, match=r"pip install 'genadapt\[ray\]'"):
+        ray_executor._ray()
