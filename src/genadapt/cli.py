@@ -161,10 +161,14 @@ def sample(
     seed: int = typer.Option(0, help="Seed; the same seed gives the same images."),
     lora: list[str] = typer.Option([], help="Add a LoRA run or file with a weight, RUN:WEIGHT (repeatable, composable)."),
     out: Path = typer.Option(Path("grid.png"), help="Grid PNG to write, or a folder: one PNG per image plus grid.png."),
+    threads: Optional[int] = typer.Option(None, help="Intra-op CPU threads.  [default: 1 for small models or 2 cores, else the free cores]"),
 ) -> None:
     """Generate images from a base model or an adapted run."""
     from genadapt.api import sample as run_sample
+    from genadapt.runs import use_cpu
 
+    _set_threads(threads)
+    use_cpu()
     if n < 1:
         raise UserError(f"-n {n}: ask for at least one image")
     if steps is not None and steps < 1:
@@ -208,12 +212,16 @@ def evaluate(
     num_samples: Optional[int] = typer.Option(None, help="Samples to generate from a run folder.  [default: reference size]"),
     seed: int = typer.Option(0, help="Seed for generated samples and bootstrap."),
     out: Path = typer.Option(..., help="Folder for metrics.json, report.md and report.html."),
+    threads: Optional[int] = typer.Option(None, help="Intra-op CPU threads.  [default: 1 for small models or 2 cores, else the free cores]"),
 ) -> None:
     """FID/KID with CIs, precision/recall, density/coverage; with --train, diversity and memorisation
     (and intra-cluster LPIPS with --lpips-backbone and --lpips-linear)."""
     from genadapt.api import evaluate as run_evaluate
     from genadapt.eval.evaluate import rows
+    from genadapt.runs import use_cpu
 
+    _set_threads(threads)
+    use_cpu()
     if inception_weights is not None:
         features = f"inception:{inception_weights}"
     lpips = None
@@ -235,6 +243,7 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="About 3 minutes: two techniques per model, fewer samples."),
     out: Path = typer.Option(Path("runs/demo"), help="Where the runs and the reports go; rerun to resume."),
     target: str = typer.Option("flags", help="Held-out OpenMoji target domain: flags (far) or dark-skin (near)."),
+    threads: Optional[int] = typer.Option(None, help="Intra-op CPU threads.  [default: 1 for small models or 2 cores, else the free cores]"),
 ) -> None:
     """The main job on built-in data: compare techniques on 10 shots of a held-out OpenMoji domain,
     with pocket-sd and pocket-stylegan2, and write one report."""
@@ -244,6 +253,7 @@ def demo(
 
     if target not in ("flags", "dark-skin"):
         raise UserError(f"--target {target}: choose flags or dark-skin")
+    _set_threads(threads)
     folder = out / ("quick" if quick else "full")
     # Fixed step counts, not a time budget: the demo gives the same numbers on every machine
     # (about 6 minutes on 2 cores for the full demo, 1.5 for --quick).
@@ -273,6 +283,20 @@ def demo(
 
 
 # ----------------------------------------------------------------------------- config-driven commands
+
+
+def THREADS_OPTION() -> click.Option:
+    return click.Option(["--threads", "threads"], type=int, default=None,
+                        help="Intra-op CPU threads for this command and its child processes.  [default: 1 for small models or 2 cores, else the free cores]")
+
+
+def _set_threads(threads: int | None) -> None:
+    """`--threads N`: every heavy step of the command (and its torchrun/accelerate/Ray children) uses N threads."""
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads {threads}: use 1 or more")
+        os.environ["GENADAPT_THREADS"] = str(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 def _unwrap(annotation):
@@ -354,6 +378,7 @@ def _adapt_command() -> click.Command:
         click.Option(["--num-processes", "--num_processes", "num_processes"], type=int, default=None,
                      help="Run data-parallel on N local processes (torchrun; gloo on CPUs, NCCL on GPUs)."),
         click.Option(["--config", "config"], default=None, help="YAML or TOML file with any of these settings; flags override it."),
+        THREADS_OPTION(),
     ]
 
     @user_errors
@@ -362,6 +387,7 @@ def _adapt_command() -> click.Command:
         from genadapt.config import build_config
 
         ctx = click.get_current_context()
+        _set_threads(values.pop("threads", None))
         processes = values.pop("num_processes", None)
         if processes is not None and processes > 1 and "LOCAL_RANK" not in os.environ:
             return _relaunch(processes)
@@ -406,12 +432,14 @@ def _simple_command(name: str, model_name: str, run_name: str, help_text: str, e
         if extra_help and option.name in extra_help:
             option.help = extra_help[option.name]()
     options.append(click.Option(["--config", "config"], default=None, help="YAML or TOML file with any of these settings; flags override it."))
+    options.append(THREADS_OPTION())
 
     @user_errors
     def run(**values):
         from genadapt import api
         from genadapt.config import build_config
 
+        _set_threads(values.pop("threads", None))
         settings = build_config(model, _config_values(click.get_current_context(), values), {})
         result = getattr(api, run_name)(settings)
         if name == "compare":

@@ -152,14 +152,52 @@ def restore_states(state: dict, objects: dict) -> None:
         item.load_state_dict(state[name])
 
 
-def use_cpu(threads: int = 0) -> None:
-    """torch's thread count (0: its default) and flush-to-zero: tiny weights and gradients drift into
-    denormal floats, which x86 handles ~100x slower (pocket-sd's VAE slowed ~30x late in training)."""
+def free_cores() -> int:
+    """Cores not busy with other work right now: the cores this process may use, less the 1-minute load of the
+    rest of the machine (rounded), at least 1."""
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = 0.0
+    return max(1, min(cores, round(cores - load + 0.5)))
+
+
+def choose_threads(requested: int = 0, parameters: int | None = None) -> int:
+    """Intra-op threads for a heavy job. `requested` (`--threads N`, or GENADAPT_THREADS) wins; else one thread for
+    small models (under ~50 M parameters: the pocket models, whose ops are too small for OpenMP's barriers to pay,
+    and two threads beside any other busy process stalled every barrier, 5-17x slower steps; docs/techniques.md),
+    and the free cores for large ones."""
+    import os
+
+    requested = requested or int(os.environ.get("GENADAPT_THREADS", "0") or 0)
+    if requested:
+        return requested
+    if os.environ.get("OMP_NUM_THREADS"):
+        return int(os.environ["OMP_NUM_THREADS"])
+    if parameters is not None and parameters < 50_000_000:
+        return 1
+    return free_cores() if parameters is not None else min(free_cores(), 1 if (os.cpu_count() or 1) <= 2 else free_cores())
+
+
+def use_cpu(threads: int = 0, parameters: int | None = None) -> int:
+    """torch's thread count (`choose_threads`), exported to child processes (OMP_NUM_THREADS, so torchrun and
+    accelerate workers keep it), and flush-to-zero: tiny weights and gradients drift into denormal floats, which
+    x86 handles ~100x slower (pocket-sd's VAE slowed ~30x late in training). Returns the thread count."""
+    import os
+
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
+    count = choose_threads(threads, parameters)
+    torch.set_num_threads(count)
+    os.environ["OMP_NUM_THREADS"] = str(count)
     torch.set_flush_denormal(True)
+    return count
 
 
 def versions() -> dict:
