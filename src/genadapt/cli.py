@@ -272,9 +272,11 @@ def demo(
             techniques=techniques,
             steps=steps,
             samples=24 if quick else 64,
-            sample_steps=15 if quick else 25,
+            # Two replicates fit the full demo's time; the quick one pairs on sampling noise alone (docs/benchmarks.md).
+            replicates=1 if quick else 2,
             min_steps=10 if quick else 50,
             probe_steps=1 if quick else 2,
+            **({"sample_steps": 15 if quick else 25} if base == "pocket-sd" else {}),
         )
         results[base] = run_compare(settings)
         for line in verdict_text(results[base]):
