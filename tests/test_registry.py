@@ -244,3 +244,20 @@ def test_every_command_help_works():
         for sub in getattr(command, "commands", {}):
             result = runner.invoke(app, [name, sub, "--help"])
             assert result.exit_code == 0 and "Usage" in result.output, (name, sub, result.output)
+
+
+def test_sample_and_evaluate_edges_are_one_line(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [
+        (["sample", "pocket-stylegan2", "-n", "0", "--out", str(tmp_path / "a.png")], "-n 0"),
+        (["sample", "pocket-sd", "--steps", "0", "--out", str(tmp_path / "a.png")], "--steps 0"),
+        (["sample", "pocket-stylegan2", "--prompt", "a flag", "-n", "1", "--out", str(tmp_path / "a.png")], "GANs are unconditional"),
+        (["sample", "pocket-stylegan2", "-n", "1", "--threads", "0", "--out", str(tmp_path / "a.png")], "--threads 0"),
+        (["evaluate", "--samples", "builtin:digits/3", "--reference", "builtin:digits/4", "--out", str(afile)], str(afile)),
+    ]
+    for args, needle in cases:
+        result = runner.invoke(app, args)
+        errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+        assert result.exit_code == 2 and len(errors) == 1 and needle in errors[0] and "Traceback" not in result.output, (args, result.output)
+    assert not (tmp_path / "a.png").exists()

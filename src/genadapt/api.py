@@ -89,6 +89,9 @@ def evaluate(samples: str, reference: str, train: str | None = None, features: s
     `samples` is a folder of images, or a run folder or base, which is sampled here (seeded)."""
     from genadapt import models
     from genadapt.eval.evaluate import evaluate as run_evaluate
+    from genadapt.runfolder import prepare_out
 
+    if out is not None:
+        prepare_out(out)
     images = models.run_samples(samples, num_samples or 64, seed) if models.is_run(samples) else samples
     return run_evaluate(images, reference, train, features, out, num_samples=num_samples, seed=seed, lpips=lpips)
