@@ -141,6 +141,12 @@ class AdaptConfig(BaseModel):
     validation_prompt: str | None = setting(None, "Prompt for sample grids.  [default: the training captions]", DIFFUSION)
     sample_steps: int = setting(25, "Sampler steps for grids and generated class/Fisher images.", DIFFUSION, ge=1)
     guidance_scale: float = setting(4.0, "Classifier-free guidance for grids and generated images.", DIFFUSION, ge=0)
+    # best step by validation (genadapt.recipes.validation)
+    validate_every: int = setting(0, "Score the run every N steps on held-out images (KID, copy rate), keep the best state, stop early (0: off).", ge=0)
+    validation: str | None = setting(None, "Held-out images for --validate-every.  [default: the images of --data that are not the shots]")
+    validation_samples: int = setting(32, "Samples per validation check.", ge=4)
+    patience: int = setting(4, "Stop after this many validation checks without a better score (0: never stop early).", ge=0)
+    copy_ceiling: float = setting(0.05, "A validation check whose copy rate exceeds this cannot be the best step.", ge=0, le=1)
     # GAN bases only
     r1_gamma: float | None = setting(None, "R1 weight.  [default: the base's pretraining value, else 10]", GAN, ge=0)
     allow_pickle: bool = setting(False, "Read a rosinality .pt base (torch.load weights_only=True).", GAN)
