@@ -17,6 +17,7 @@ from genadapt.data import load_dataset
 from genadapt.data.imageset import ImageSet
 from genadapt.errors import UserError
 from genadapt.eval import metrics
+from genadapt.eval.copies import memorisation_audit
 from genadapt.eval.features import cached_features, get_extractor
 from genadapt.runs import write_json, write_text
 
@@ -72,14 +73,18 @@ def evaluate(
         result["train"] = {"name": train_set.name, "count": len(train_set)}
         diversity = metrics.intra_cluster_diversity(feats_samples, feats_train, distance="cosine", space=space)
         result["intra_cluster_diversity"] = {k: v for k, v in diversity.items() if k not in ("nearest_shot", "nn_distance")}
-        copies = metrics.memorisation(feats_samples, feats_train, reference=feats_reference if len(train_set) == 1 else None)
+        audit = memorisation_audit(sample_set, train_set, feats_samples, feats_train, reference=reference_set, reference_feats=feats_reference)
         result["memorisation"] = {
-            "rule": copies["rule"],
-            "ratio": copies["ratio"],
-            "copy_rate": copies["copy_rate"],
+            "rule": audit["rule"],
+            "copy_rate": audit["copy_rate"],
+            "threshold": audit["threshold"],
+            "calibration": {k: v for k, v in audit["calibration"].items() if k != "inter_shot_nearest"},
+            "closest_non_copy": audit["closest_non_copy"],
+            "checks": audit["checks"],
             "copies": [
-                {"sample": sample_set.records[int(i)].id, "shot": train_set.records[int(s)].id, "sample_index": int(i), "shot_index": int(s)}
-                for i, s in zip(copies["flagged"], copies["copied_shot"])
+                {"sample": sample_set.records[int(i)].id, "shot": train_set.records[int(s)].id, "sample_index": int(i), "shot_index": int(s),
+                 "distance": audit["distance"][int(i)], "mirrored": mirrored, "zoom": zoom, "shift": shift}
+                for i, s, mirrored, zoom, shift in zip(audit["flagged"], audit["copied_shot"], audit["mirrored"], audit["zoom"], audit["shift"])
             ],
         }
         if len(train_set) >= 2:  # authenticity compares a shot with its nearest other shot: one shot has none
@@ -138,7 +143,13 @@ def rows(result: dict) -> list[tuple[str, str]]:
             perceptual = result["intra_cluster_lpips"]
             resized = f"{perceptual['size']} px" if perceptual["size"] else "native size"
             table.append((f"intra-cluster {perceptual['distance_name']} (CDC, {resized})", f"{perceptual['value']:.4f} ± {perceptual['std']:.4f}"))
-        table.append((f"copy rate (NN ratio < {result['memorisation']['ratio']:.2f}, {result['memorisation']['rule']})", f"{result['memorisation']['copy_rate']:.3f}"))
+        copies = result["memorisation"]
+        calibration = copies["calibration"]
+        how = {"inter_shot": f"{calibration['fraction']:.2f} x closest shot pair", "reference": f"{calibration['fraction']:.2f} x nearest reference image"}.get(calibration["method"], calibration["method"])
+        how += ", floor" if calibration.get("floored") else ""
+        table.append((f"copy rate (aligned pixels, D < {copies['threshold']:.3f}: {how})", f"{copies['copy_rate']:.3f}"))
+        feature = copies["checks"]["feature_ratio"]
+        table.append((f"feature NN-ratio < {feature['ratio']:.2f} hits (not counted)", f"{feature['flagged']} ({len(feature['only'])} without a pixel match)"))
         if "authenticity" in result:
             table.append(("authenticity (Alaa et al. 2022)", f"{result['authenticity']['authenticity']:.3f}"))
     return table

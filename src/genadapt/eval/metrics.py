@@ -236,8 +236,18 @@ def metric_with_ci(
 
 
 def fid_with_ci(feats_a, feats_b, n_boot: int = 50, alpha: float = 0.05, seed: int = 0) -> dict:
-    """`fid` with a bootstrap interval (`metric_with_ci`); each replicate costs one FID."""
-    return metric_with_ci(fid, feats_a, feats_b, n_boot=n_boot, alpha=alpha, seed=seed)
+    """`fid` with a bootstrap interval (`metric_with_ci`); each replicate costs one FID.
+
+    The interval is clipped at 0 ("ci_clipped" says when): FID is a squared distance, but the shifted
+    interval θ̂ − mean(θ*) + quantile(θ*) goes below 0 when FID is small next to its resampling bias
+    (a resample holds ~63 % distinct rows, which raises FID's small-sample bias: mean(θ*) > θ̂).
+    Clipping keeps the shifted interval centred on θ̂; the percentile interval cannot go negative but
+    can miss θ̂ altogether.
+    """
+    out = metric_with_ci(fid, feats_a, feats_b, n_boot=n_boot, alpha=alpha, seed=seed)
+    out["ci_clipped"] = out["ci_low"] < 0.0
+    out["ci_low"], out["ci_high"] = max(out["ci_low"], 0.0), max(out["ci_high"], 0.0)
+    return out
 
 
 def kid_with_ci(
@@ -402,6 +412,11 @@ def memorisation(samples_feats, train_feats, ratio: float = 1 / 3, reference=Non
       the shot, i.e. flag x if it is `ratio` times closer than a typical sample. It cannot
       see a generator that copies the shot in more than half of its samples: pass
       `reference`, and check `intra_cluster_diversity`.
+
+    This is the feature-space check only. `genadapt evaluate` decides copies in pixel space
+    (`genadapt.eval.copies.detect_copies`: mirrored, shifted, resized, re-encoded shots) and reports
+    this test beside it, uncounted: on the pocket eval encoder, distinct but similar-looking images
+    (two tricolour flags) are as close as a shot and its JPEG re-encoding.
     """
     x, t = _pair(samples_feats, train_feats, "samples_feats", "train_feats")
     if not 0 < ratio <= 1:
