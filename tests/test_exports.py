@@ -395,3 +395,27 @@ def test_a_bad_embedding_file_in_a_run_is_one_error_line_through_the_cli(embeddi
         save_file({token: rows, "other": rows.clone()}, str(path))
     result, errors = _sample(str(run), "--out", str(tmp_path / "grid.png"))
     _assert_one_line_error(result, errors, str(path), BAD_EMBEDDINGS[kind])
+
+
+def test_a_safetensors_header_length_starting_with_0x80_is_not_taken_for_a_pickle(tmp_path):
+    """0x80 is also pickle's protocol byte; a header of 0x4380 bytes starts with it (a real LoRA did)."""
+    import struct
+
+    import torch
+    from safetensors.torch import save_file
+
+    from genadapt.export.lora import inspect_safetensors
+
+    for padding in range(200):
+        path = tmp_path / "x.safetensors"
+        save_file({"w": torch.zeros(2)}, str(path), metadata={"pad": "x" * padding})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    else:  # build a header whose length is 0x80 exactly
+        path = tmp_path / "x.safetensors"
+        header = b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}'
+        header += b" " * (0x80 - len(header))
+        path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 8)
+    assert path.read_bytes()[:1] == b"\x80"
+    tensors, _ = inspect_safetensors(path, "--lora")
+    assert "w" in tensors

@@ -16,6 +16,7 @@ DoRA runs get no kohya twin (see :data:`DORA_NOTE`); their diffusers file and pe
 from __future__ import annotations
 
 import json
+import os
 import math
 import re
 import shutil
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from genadapt.errors import UserError
-from genadapt.runs import save_safetensors
+from genadapt.runs import readable_mode, save_safetensors
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
@@ -186,6 +187,7 @@ def save_lora(model, technique, out: Path, metadata: dict | None = None) -> list
     else:
         StableDiffusionPipeline.save_lora_weights(staging, **common)
     (staging / DIFFUSERS_FILE).replace(out / DIFFUSERS_FILE)
+    os.chmod(out / DIFFUSERS_FILE, readable_mode())
     shutil.rmtree(staging, ignore_errors=True)
 
     files = [out / DIFFUSERS_FILE]
@@ -259,8 +261,10 @@ def inspect_safetensors(path: Path, what: str) -> tuple[dict[str, tuple[tuple[in
     if size == 0:
         raise UserError(f"{what} {path}: the file is empty; {again}")
     with path.open("rb") as handle:
-        head = handle.read(8)
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch.save's zip archive, or a bare pickle
+        head, first = handle.read(8), handle.read(1)
+    # A safetensors header is JSON right after its 8-byte length (whose first byte may well be 0x80); a torch.save
+    # zip archive starts with PK, a bare pickle with its protocol byte 0x80 and no JSON after.
+    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and first != b"{"):
         raise UserError(f"{what} {path}: a PyTorch pickle named .safetensors; genadapt never unpickles, convert it to safetensors with the tool that wrote it")
     header = int.from_bytes(head, "little") if len(head) == 8 else -1
     if header > MAX_HEADER_BYTES:
