@@ -75,3 +75,17 @@ def test_two_process_gan_run_keeps_every_rank_identical_and_resumes(tmp_path):
     assert summaries[0]["processes"] == 2 and summaries[0]["weights_sha256"] == summaries[1]["weights_sha256"]
     logs = [(tmp_path / run / "log.jsonl").read_text() for run in ("straight", "resumed")]
     assert logs[0] == logs[1] and len(logs[0].splitlines()) == 4
+
+
+def test_two_process_full_fine_tuning_keeps_ranks_identical_and_resumes(base, tmp_path):
+    """Full fine-tuning under DDP (FSDP needs GPUs): every UNet weight trains, every rank ends the same, a resume
+    repeats the uninterrupted run."""
+    common = ["--base", base, "--data", "builtin:digits/3?shots=6", "--train", "full", "--learning-rate", "1e-4", "--batch-size", "2",
+              "--checkpointing-steps", "2", "--num-validation-images", "1", "--sample-steps", "1"]
+    _adapt(*common, "--steps", "4", "--out", str(tmp_path / "straight"), processes=2)
+    _adapt(*common, "--steps", "2", "--out", str(tmp_path / "resumed"), processes=2)
+    _adapt(*common, "--steps", "4", "--out", str(tmp_path / "resumed"), processes=2)
+    summaries = [json.loads((tmp_path / run / "summary.json").read_text()) for run in ("straight", "resumed")]
+    assert summaries[0]["processes"] == 2 and summaries[0]["weights_sha256"] == summaries[1]["weights_sha256"]
+    a, b = (load_file(next((tmp_path / run / "pipeline" / "unet").glob("*.safetensors"))) for run in ("straight", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -207,6 +207,7 @@ def write_compare_report(results: dict, out: Path) -> Path:
         sections.append(f"<h3>{shots} shot(s)</h3><div class='grid'>{''.join(cards)}</div>")
 
     dropped = "".join(f"<li>{html.escape(d)}</li>" for d in plan["dropped"]) or "<li>none</li>"
+    failed = "".join(f"<li><b>{html.escape(name)}</b> failed after its retries: {html.escape(error)}</li>" for name, error in results.get("failed", {}).items())
     if plan["seconds_per_step"]:
         plan_text = f"Probe: seconds per step {html.escape(json.dumps(plan['seconds_per_step']))}; seconds per sample {plan['seconds_per_sample']}. Estimated {plan['estimated_minutes']} min."
     else:
@@ -231,7 +232,7 @@ a difference whose interval excludes 0 is a win. Rule: disqualified above {setti
 Diversity: mean pairwise cosine distance of samples assigned to the same shot (CDC protocol, in the eval encoder's space). Copy rate: see docs/evaluation.md.</small></p>
 {''.join(sections)}
 <h2>Plan</h2><p>{plan_text}</p>
-<p>Dropped runs:</p><ul>{dropped}</ul></body></html>"""
+<p>Dropped runs:</p><ul>{dropped}</ul>{'<p>Failed runs (left out of the decision):</p><ul>' + failed + '</ul>' if failed else ''}</body></html>"""
     return write_text(out / "report.html", page)
 
 
