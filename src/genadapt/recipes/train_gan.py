@@ -48,6 +48,8 @@ from genadapt.recipes import (
     GracefulStop, append_log, check_finite, check_ranks_agree, gather_states, load_trainable_state, make_accelerator, process_generators,
     restore_generators, rewrite_log, stopped, trainable_state, write_run_record,
 )
+from genadapt.recipes import optim
+from genadapt.recipes.logging import Reporter
 from genadapt.runfolder import check_not_shorter, check_same_data, data_digest
 from genadapt.runs import check_resumable, load_checkpoint, progress, save_torch, use_cpu, write_json, write_manifest
 from genadapt.techniques import Step
@@ -178,9 +180,13 @@ def adapt_gan(config: AdaptConfig, accelerator=None) -> dict:
     g_params, d_params = _split_sides(model, technique.parameters(model))
     if not g_params or not d_params:
         raise UserError(f"--train {config.train}: nothing trains in the {'generator' if not g_params else 'discriminator'}; loosen --freeze / --freeze-d")
-    g_optim = torch.optim.Adam(g_params, lr=config.lr, betas=BETAS)  # no path-length reg, so no lazy correction
+    # --optimizer adam or adamw: the same update here, GAN techniques use no weight decay.
+    kind = "adam" if not technique.weight_decay else config.optimizer
+    g_optim = optim.make_optimizer(kind, g_params, config.lr, technique.weight_decay, BETAS)  # no path-length reg, so no lazy correction
     d_lr, d_betas = lazy_adam_hyperparameters(config.lr, BETAS, R1_INTERVAL)
-    d_optim = torch.optim.Adam(d_params, lr=d_lr, betas=d_betas)
+    d_optim = optim.make_optimizer(kind, d_params, d_lr, technique.weight_decay, d_betas)
+    # --lr-scheduler scales both rates by the same factor per step (D's lazy-R1 rate stays D's base rate).
+    g_scheduler, d_scheduler = optim.make_scheduler(config, g_optim, config.steps), optim.make_scheduler(config, d_optim, config.steps)
     g_optim, d_optim = accelerator.prepare(g_optim, d_optim)
     augment = make_augment(config.augment)
     r1 = LazyR1(gamma, R1_INTERVAL)
@@ -189,7 +195,9 @@ def adapt_gan(config: AdaptConfig, accelerator=None) -> dict:
     start, history = 0, []
     state_path = out / STATE_FILE
     if state_path.is_file():
-        state = load_checkpoint(state_path, {"trainable", "ema", "g_optim", "d_optim", "augment", "shared_generator", "local_generators", "step", "history"})
+        state = load_checkpoint(state_path, {"trainable", "ema", "g_optim", "d_optim", "g_scheduler", "d_scheduler", "augment", "shared_generator",
+                                             "local_generators", "step", "history"})
+        optim.check_schedule_steps(config, state, config.steps, state_path)
         load_trainable_state(model, state["trainable"], state_path)
         with torch.no_grad():
             ema = dict(model.g_ema.named_parameters())
@@ -197,6 +205,8 @@ def adapt_gan(config: AdaptConfig, accelerator=None) -> dict:
                 ema[name].copy_(value)
         g_optim.load_state_dict(state["g_optim"])
         d_optim.load_state_dict(state["d_optim"])
+        g_scheduler.load_state_dict(state["g_scheduler"])
+        d_scheduler.load_state_dict(state["d_scheduler"])
         augment.load_state_dict(state["augment"])
         restore_generators(state, shared, local, accelerator, state_path)
         start, history = state["step"], state["history"]
@@ -213,6 +223,7 @@ def adapt_gan(config: AdaptConfig, accelerator=None) -> dict:
             save_torch(state_path, {
                 "trainable": trainable_state(model), "ema": _ema_state(model),
                 "g_optim": g_optim.state_dict(), "d_optim": d_optim.state_dict(), "augment": augment.state_dict(),
+                "g_scheduler": g_scheduler.state_dict(), "d_scheduler": d_scheduler.state_dict(), "schedule_steps": config.steps,
                 "shared_generator": shared.get_state(), "local_generators": locals_, "step": done, "history": history,
             })
 
@@ -230,8 +241,9 @@ def adapt_gan(config: AdaptConfig, accelerator=None) -> dict:
     default = gan.default_adversarial(model)
     bar = progress(config.steps, start, f"adapt {config.train}", disable=not main)
     started = time.time()
-    with GracefulStop() as stop:
+    with GracefulStop() as stop, Reporter(out, config.report_to, main, start) as reporter:
         for step_index in range(start, config.steps):
+            lrs = {"lr": g_optim.param_groups[0]["lr"], "d_lr": d_optim.param_groups[0]["lr"]}
             adversarial = default
             for _, loss_technique in losses:
                 if hasattr(loss_technique, "adversarial"):
@@ -294,15 +306,18 @@ def adapt_gan(config: AdaptConfig, accelerator=None) -> dict:
                     accelerator.backward(g_total / accumulation)
                 _step(g_optim, g_params, config, accelerator)
             _update_ema(model, EMA_DECAY)
+            g_scheduler.step()
+            d_scheduler.step()
 
             done = step_index + 1
             record = {"step": done, "adversarial": adversarial.name, "d_loss": float(d_total.detach()), "g_loss": float(g_total.detach()),
-                      **{k: float(v.detach()) for k, v in {**d_terms, **g_terms}.items()}, **scores}
+                      **{k: float(v.detach()) for k, v in {**d_terms, **g_terms}.items()}, **scores, **lrs}
             if hasattr(augment, "p"):
                 record["augment_p"] = augment.p
             history.append(record)
             if main:
                 append_log(out, record)
+                reporter.log(done, record)
             bar.update(1)
             bar.set_postfix(d=f"{record['d_loss']:.3f}", g=f"{record['g_loss']:.3f}")
             stopping = stop.requested(accelerator)
@@ -311,9 +326,11 @@ def adapt_gan(config: AdaptConfig, accelerator=None) -> dict:
             if stopping and done != config.steps:
                 raise stopped(done, out)
             if main and config.sample_every and done % config.sample_every == 0 and done != config.steps:
-                _save_samples(model, config, out, done)
-    bar.close()
-    train_seconds = time.time() - started
+                reporter.image(_save_samples(model, config, out, done), done)
+        bar.close()
+        train_seconds = time.time() - started
+        if main:
+            reporter.image(_save_samples(model, config, out, config.steps), config.steps)
 
     weights_digest = check_ranks_agree(model, accelerator)
     summary = {
@@ -329,7 +346,6 @@ def adapt_gan(config: AdaptConfig, accelerator=None) -> dict:
     }
     if main:
         artifacts = technique.save(model, out)
-        _save_samples(model, config, out, config.steps)
         summary["artifacts"] = [str(Path(a).relative_to(out)) for a in artifacts]
         summary["artifact_bytes"] = artifact_bytes(artifacts)
         write_json(out / "summary.json", summary)
