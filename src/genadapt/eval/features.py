@@ -5,6 +5,9 @@ an `extractor_id` string that changes whenever its outputs would (architecture, 
 resizing). `get_extractor` builds one from a spec:
 
     "pocket"          the shipped eval-encoder (zoo/weights/eval-encoder), genadapt's default
+    "style"           pocket's features plus style statistics (conv-map moments, colour histogram,
+                      edges / line weight), standardised and weighted: sees palette, stroke, blur,
+                      texture (`genadapt.eval.style`, docs/style-aware-evaluation.md)
     "DIR"             an eval-encoder folder written by `genadapt pretrain eval-encoder` (DIR/model)
     "inception:PATH"  the standard FID Inception-v3 from pytorch-fid's weights at PATH
     an nn.Module      your own network (wrapped; see `ModuleExtractor`)
@@ -35,7 +38,7 @@ from torch import nn
 from genadapt.errors import UserError
 
 SPEC_HELP = (
-    "use 'pocket', an eval-encoder folder (from `genadapt pretrain eval-encoder`), 'inception:PATH' "
+    "use 'pocket', 'style', an eval-encoder folder (from `genadapt pretrain eval-encoder`), 'inception:PATH' "
     "(pytorch-fid weights), or an nn.Module"
 )
 
@@ -198,6 +201,10 @@ def get_extractor(spec) -> nn.Module:
                 "run `genadapt pretrain eval-encoder --out DIR` and pass DIR as the feature extractor"
             )
         return load_eval_encoder(folder)
+    if text == "style":
+        from genadapt.eval.style import load_style_extractor
+
+        return load_style_extractor()
     if text.startswith("inception:"):
         from genadapt.eval.inception import load_inception
 
