@@ -31,6 +31,8 @@ def test_compare_writes_complete_results_and_resumes(base, tmp_path):
     report = (tmp_path / "report.html").read_text()
     assert "Which technique fits this data?" in report and "shots-2.png" in report and "Paired evidence" in report
     for name in ("lora-2shot-r0", "embedding-4shot-r0"):
+        assert (tmp_path / "runs" / name / "validation.jsonl").read_text().strip()  # every run has its validation curve
+        assert results["runs"][name]["best_step"] is not None
         assert (tmp_path / "runs" / name / "eval" / "samples.png").is_file()
 
     finished = tmp_path / "runs" / "lora-2shot-r0" / "eval.json"

@@ -39,3 +39,45 @@ def test_the_best_eligible_check_is_kept_and_patience_stops(tmp_path):
     again = Validation(every=1, samples=32, patience=2, copy_ceiling=0.05, images=validation, shots=shots, sample=sample, seed=0, out=tmp_path)
     again.load_state_dict(checker.state_dict())
     assert again.best == checker.best and again.stop
+
+
+def test_a_gan_run_with_validation_saves_its_best_step(tmp_path):
+    from safetensors.torch import load_file
+
+    from genadapt.config import AdaptConfig
+    from genadapt.families.stylegan2 import save_stylegan2
+    from genadapt.recipes.train_gan import adapt_gan
+    from genadapt.runs import load_torch
+    from genadapt.zoo.pocket_stylegan2 import PocketStyleGAN2Config, build
+
+    tiny = PocketStyleGAN2Config(size=32, style_dim=16, n_mlp=2, channels={4: 16, 8: 16, 16: 8, 32: 8})
+    _, discriminator, g_ema = build(tiny)
+    save_stylegan2(tmp_path / "gan", g_ema, discriminator, tiny.generator_kwargs(), tiny.discriminator_kwargs(), extra={"pretraining": {"r1_gamma": 1.0}})
+    out = tmp_path / "run"
+    summary = adapt_gan(AdaptConfig(base=str(tmp_path / "gan"), data="builtin:digits/3?shots=4", train="full", steps=8, batch_size=2,
+                                    num_validation_images=2, validate_every=2, validation_samples=8, patience=2, out=out))
+    checks = [json.loads(line) for line in (out / "validation.jsonl").read_text().splitlines()]
+    best = summary["validation"]["best_step"]
+    assert checks and best in [c["step"] for c in checks if c["best"]]
+    assert summary["trained_steps"] == checks[-1]["step"] if summary["validation"]["stopped_early"] else summary["trained_steps"] == 8
+    saved = load_file(out / "model" / "generator_ema.safetensors")
+    best_ema = load_torch(out / "checkpoints" / "state.pt")["validation"]["best_state"]["ema"]
+    assert all(torch.equal(saved[name], value) for name, value in best_ema.items())  # the artifact is the best step's G_ema
+
+
+def test_a_diffusion_run_with_validation_records_its_curve(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from diffusion_fixtures import build_tiny_pipeline
+    from genadapt.api import adapt
+    from genadapt.config import AdaptConfig
+
+    base = build_tiny_pipeline(tmp_path / "tiny")
+    out = tmp_path / "run"
+    adapt(AdaptConfig(base=str(base), data="builtin:digits/3?shots=4", train="lora", rank=2, steps=4, batch_size=2, learning_rate=1e-2,
+                      num_validation_images=1, sample_steps=1, validate_every=2, validation_samples=4, patience=0, out=out))
+    summary = json.loads((out / "summary.json").read_text())
+    assert [json.loads(line)["step"] for line in (out / "validation.jsonl").read_text().splitlines()] == [2, 4]
+    assert summary["validation"]["best_step"] in (2, 4) and summary["trained_steps"] == 4

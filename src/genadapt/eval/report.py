@@ -96,6 +96,20 @@ def _loss_curve(run: Path) -> str:
     return _svg_lines(series, x_label="step", y_label="loss terms")
 
 
+def _validation_curve(run: Path) -> str:
+    """Validation KID and copy rate against step (validation.jsonl), with the kept best step marked."""
+    path = run / "validation.jsonl"
+    if not path.is_file():
+        return ""
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not records:
+        return ""
+    series = {"validation KID": [(r["step"], r["kid"]) for r in records], "copy rate": [(r["step"], r["copy_rate"]) for r in records]}
+    best = [r["step"] for r in records if r["best"]]
+    note = f"<br><small>kept: step {best[-1]}</small>" if best else "<br><small>no check under the copy ceiling</small>"
+    return _svg_lines(series, x_label="step", y_label="KID / copy rate") + note
+
+
 def _fmt_ci(entry: dict, digits: int) -> str:
     return f"{entry['value']:.{digits}f} <small>[{entry['ci_low']:.{digits}f}, {entry['ci_high']:.{digits}f}]</small>"
 
@@ -202,7 +216,8 @@ def write_compare_report(results: dict, out: Path) -> Path:
             copy_figure = f"<figure><img src='{folder}/eval/copies.png'><figcaption>{len(copies)} flagged copies: sample | shot</figcaption></figure>" if copies else ""
             cards.append(
                 f"<div class='run'><h4>{html.escape(run['technique'])}</h4><figure><img src='{folder}/eval/samples.png'><figcaption>samples</figcaption></figure>"
-                f"{copy_figure}<figure>{_loss_curve(out / folder)}<figcaption>training loss</figcaption></figure></div>"
+                f"{copy_figure}<figure>{_loss_curve(out / folder)}<figcaption>training loss</figcaption></figure>"
+                f"<figure>{_validation_curve(out / folder)}<figcaption>validation (best step kept)</figcaption></figure></div>"
             )
         sections.append(f"<h3>{shots} shot(s)</h3><div class='grid'>{''.join(cards)}</div>")
 

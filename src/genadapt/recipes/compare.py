@@ -67,6 +67,9 @@ def adapt_config(settings: CompareConfig, technique: str, shots: int, steps: int
     values = {
         "base": settings.base, "data": settings.data, "shots": shots, "seed": settings.seed + replicate, "steps": steps,
         "batch_size": settings.batch_size, "checkpointing_steps": max(10, steps // 4), "out": out,
+        # Best step by validation on the pool images that are not this run's shots (never the final reference).
+        "validate_every": max(1, steps // 8) if settings.validate_every is None else settings.validate_every,
+        "patience": settings.patience, "copy_ceiling": settings.copy_ceiling,
         **({"caption": settings.caption} if family == "diffusion" else {}),
         **family_module(family).COMPARE,
         **techniques.compare_presets(family)[technique],
@@ -302,6 +305,7 @@ def run_one(settings_values: dict, name: str, steps: int) -> dict:
         "technique": technique, "shots": shots, "replicate": replicate, "steps": steps,
         "trainable_parameters": summary["trainable_parameters"], "artifact_bytes": summary["artifact_bytes"],
         "cpu_minutes": round((time.process_time() - cpu_started) / 60, 2), "train_minutes": round(summary["train_seconds"] / 60, 2),
+        "best_step": (summary.get("validation") or {}).get("best_step"), "trained_steps": summary.get("trained_steps", steps),
         "evaluation": evaluation,
     }
     write_json(eval_path, record)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from genadapt import techniques
 from genadapt.config import AdaptConfig
+from genadapt.errors import UserError
 from genadapt.families import artifact_bytes, diffusion
 from genadapt.recipes import (
     GracefulStop, append_log, check_finite, check_ranks_agree, gather_states, global_slice, load_trainable_state, make_accelerator,
@@ -343,6 +344,22 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
         restore_generators(state, shared, local, accelerator, state_path)
         start, history = state["step"], state["history"]
         check_not_shorter(start, config.steps, out)
+    validation = None
+    if config.validate_every:
+        from genadapt.recipes.validation import Validation, validation_images
+
+        if accelerator.num_processes > 1:
+            raise UserError("--validate-every runs on one process; drop --num-processes, or score the run afterwards with genadapt evaluate")
+        prompts_for_validation = validation_prompts(config, images.captions, technique)
+
+        def validation_sample(model, n, seed):
+            prompts = [prompts_for_validation[i % len(prompts_for_validation)] for i in range(n)]
+            return diffusion.sample(model, prompts, steps=config.sample_steps, guidance=config.guidance_scale, seed=seed + 5)
+
+        validation = Validation(config.validate_every, config.validation_samples, config.patience, config.copy_ceiling,
+                                validation_images(config, images, resolution), images, validation_sample, config.seed, out)
+        if state_path.is_file() and "validation" in state:
+            validation.load_state_dict(state["validation"])
     if main:
         rewrite_log(out, history)  # steps after the last checkpoint are run again
     accelerator.step = start  # gradient accumulation counts micro-batches from the run's start, also when resumed
@@ -354,6 +371,7 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
                 "trainable": trainable_state(model), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "schedule_steps": schedule_steps, **({"ema": optim.ema_state(ema)} if ema is not None else {}),
                 "shared_generator": shared.get_state(), "local_generators": locals_, "step": done, "history": history,
+                **({"validation": validation.state_dict()} if validation is not None else {}),
             })
 
     def sample_grid(path: Path) -> Path:
@@ -374,6 +392,8 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
     weights = torch.tensor([float(len(bucket)) for bucket in buckets])
     with GracefulStop() as stop, Reporter(out, config.report_to, main, start) as reporter:
         for step_index in range(start, config.steps):
+            if validation is not None and validation.stop:
+                break  # stopped early: no better validation score for --patience checks
             bucket = buckets[int(torch.multinomial(weights, 1, generator=shared))] if len(buckets) > 1 else buckets[0]
             index = global_slice(lambda n: torch.randint(len(bucket), (n,), generator=shared), config.batch_size, accelerator)
             if bucket.mean is None:
@@ -439,8 +459,12 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
                 reporter.log(done, record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if validation is not None and validation.due(done):
+                check = validation.check(done, model, lambda: {"trainable": trainable_state(model), **({"ema": optim.ema_state(ema)} if ema is not None else {})})
+                bar.write(f"step {done}: validation KID {check['kid']:.4f}, copies {check['copy_rate']:.0%}{' (best)' if check['best'] else ''}")
             stopping = stop.requested(accelerator)
-            if done % config.checkpointing_steps == 0 or done == config.steps or stopping:
+            early = validation is not None and validation.stop
+            if done % config.checkpointing_steps == 0 or done == config.steps or stopping or early:
                 checkpoint(done)
             if stopping and done != config.steps:
                 raise stopped(done, out)
@@ -448,6 +472,10 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
                 reporter.image(sample_grid(out / "samples" / f"step-{done:06d}.png"), done)
         bar.close()
 
+        if validation is not None and validation.best_state is not None:  # the best validated step is what the run saves
+            load_trainable_state(model, validation.best_state["trainable"], state_path)
+            if ema is not None:
+                optim.load_ema_state(ema, validation.best_state["ema"], accelerator.device, state_path)
         if ema is not None:
             ema.copy_to(parameters)  # the run's weights are the EMA's from here: digest, artifact, final grid
         weights_digest = check_ranks_agree(model, accelerator)
@@ -458,6 +486,9 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
                    "saved_weights": "ema" if ema is not None else "trained"}
         if ema is not None:
             summary["ema_decay"] = config.ema_decay
+        if validation is not None:
+            summary["validation"] = validation.summary()
+            summary["trained_steps"] = len(history)
         if config.enable_bucket:
             counts = {}
             for bucket in buckets:

@@ -214,8 +214,27 @@ def adapt_gan(config: AdaptConfig, accelerator=None) -> dict:
     elif main:
         save_grid(reals, out / "samples" / "shots.png", columns=8, scale=2)
         _save_samples(model, config, out, 0)  # the source, for comparison
+    validation = None
+    if config.validate_every:
+        from genadapt.recipes.validation import Validation, validation_images
+
+        if accelerator.num_processes > 1:
+            raise UserError("--validate-every runs on one process; drop --num-processes, or score the run afterwards with genadapt evaluate")
+        validation = Validation(config.validate_every, config.validation_samples, config.patience, config.copy_ceiling,
+                                validation_images(config, images, model.resolution), images,
+                                lambda model, n, seed: gan.sample(model, n, seed + 5), config.seed, out)
+        if state_path.is_file() and "validation" in state:
+            validation.load_state_dict(state["validation"])
     if main:
         rewrite_log(out, history)
+
+    def restore_best() -> None:
+        """The best validated step is what the run saves: its trained tensors and its G_ema."""
+        load_trainable_state(model, validation.best_state["trainable"], state_path)
+        with torch.no_grad():
+            ema = dict(model.g_ema.named_parameters())
+            for name, value in validation.best_state["ema"].items():
+                ema[name].copy_(value)
 
     def checkpoint(done: int) -> None:
         locals_ = gather_states(local, accelerator)
@@ -225,6 +244,7 @@ def adapt_gan(config: AdaptConfig, accelerator=None) -> dict:
                 "g_optim": g_optim.state_dict(), "d_optim": d_optim.state_dict(), "augment": augment.state_dict(),
                 "g_scheduler": g_scheduler.state_dict(), "d_scheduler": d_scheduler.state_dict(), "schedule_steps": config.steps,
                 "shared_generator": shared.get_state(), "local_generators": locals_, "step": done, "history": history,
+                **({"validation": validation.state_dict()} if validation is not None else {}),
             })
 
     batch, processes, rank = config.batch_size, accelerator.num_processes, accelerator.process_index
@@ -243,6 +263,8 @@ def adapt_gan(config: AdaptConfig, accelerator=None) -> dict:
     started = time.time()
     with GracefulStop() as stop, Reporter(out, config.report_to, main, start) as reporter:
         for step_index in range(start, config.steps):
+            if validation is not None and validation.stop:
+                break  # stopped early: no better validation score for --patience checks
             lrs = {"lr": g_optim.param_groups[0]["lr"], "d_lr": d_optim.param_groups[0]["lr"]}
             adversarial = default
             for _, loss_technique in losses:
@@ -320,14 +342,20 @@ def adapt_gan(config: AdaptConfig, accelerator=None) -> dict:
                 reporter.log(done, record)
             bar.update(1)
             bar.set_postfix(d=f"{record['d_loss']:.3f}", g=f"{record['g_loss']:.3f}")
+            if validation is not None and validation.due(done):
+                check = validation.check(done, model, lambda: {"trainable": trainable_state(model), "ema": _ema_state(model)})
+                bar.write(f"step {done}: validation KID {check['kid']:.4f}, copies {check['copy_rate']:.0%}{' (best)' if check['best'] else ''}")
             stopping = stop.requested(accelerator)
-            if done % config.checkpointing_steps == 0 or done == config.steps or stopping:
+            early = validation is not None and validation.stop
+            if done % config.checkpointing_steps == 0 or done == config.steps or stopping or early:
                 checkpoint(done)
             if stopping and done != config.steps:
                 raise stopped(done, out)
             if main and config.sample_every and done % config.sample_every == 0 and done != config.steps:
                 reporter.image(_save_samples(model, config, out, done), done)
         bar.close()
+        if validation is not None and validation.best_state is not None:
+            restore_best()
         train_seconds = time.time() - started
         if main:
             reporter.image(_save_samples(model, config, out, config.steps), config.steps)
@@ -343,6 +371,7 @@ def adapt_gan(config: AdaptConfig, accelerator=None) -> dict:
         "trainable_parameters": sum(p.numel() for p in g_params + d_params),
         "trainable_generator_parameters": sum(p.numel() for p in g_params),
         "trainable_discriminator_parameters": sum(p.numel() for p in d_params),
+        **({"validation": validation.summary(), "trained_steps": len(history)} if validation is not None else {}),
     }
     if main:
         artifacts = technique.save(model, out)
