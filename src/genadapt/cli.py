@@ -284,6 +284,24 @@ def demo(
     typer.echo(f"report: {write_demo_index(results, folder)}")
 
 
+@typer_app.command(context_settings=HELP)
+@user_errors
+def ui(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; anything but 127.0.0.1 lets other machines in (a warning is printed)."),
+    port: int = typer.Option(7860, help="Port to listen on."),
+    root: Path = typer.Option(Path("."), help="The folder every path typed into the UI, and every file it serves, must lie in."),
+    max_upload_mb: float = typer.Option(50.0, help="The largest file an upload may be, in MB."),
+) -> None:
+    """A local web app: upload images, compare techniques or run one, watch it train, read the answer, sample."""
+    try:
+        import gradio  # noqa: F401 - the optional `ui` extra
+    except ImportError:
+        raise UserError("genadapt ui needs gradio, which is not installed: pip install 'genadapt[ui]'") from None
+    from genadapt.ui import serve
+
+    serve(host=host, port=port, root=root, max_upload_mb=max_upload_mb)
+
+
 # ----------------------------------------------------------------------------- config-driven commands
 
 
@@ -377,6 +395,8 @@ def _adapt_command() -> click.Command:
     options += [
         click.Option(["--with-prior-preservation", "--with_prior_preservation", "with_prior_preservation"], is_flag=True, default=None,
                      help="Same as --loss prior (DreamBooth)."),
+        click.Option(["--prior-loss-weight", "--prior_loss_weight", "prior_loss_weight"], type=float, default=None,
+                     help="With --with-prior-preservation: the prior term's weight (diffusers' flag; the same as --loss prior:W)."),
         click.Option(["--num-processes", "--num_processes", "num_processes"], type=int, default=None,
                      help="Run data-parallel on N local processes (torchrun; gloo on CPUs, NCCL on GPUs)."),
         click.Option(["--config", "config"], default=None, help="YAML or TOML file with any of these settings; flags override it."),
@@ -394,9 +414,12 @@ def _adapt_command() -> click.Command:
         if processes is not None and processes > 1 and "LOCAL_RANK" not in os.environ:
             return _relaunch(processes)
         prior = values.pop("with_prior_preservation", None)
+        prior_weight = values.pop("prior_loss_weight", None)
         merged = _config_values(ctx, values)
+        if prior_weight is not None and not prior:
+            raise UserError("--prior-loss-weight goes with --with-prior-preservation (or pass --loss prior:W)")
         if prior and not any(str(item).split(":")[0] == "prior" for item in merged.get("loss", [])):
-            merged["loss"] = list(merged.get("loss", [])) + ["prior"]
+            merged["loss"] = list(merged.get("loss", [])) + ["prior" if prior_weight is None else f"prior:{prior_weight}"]
         typer.echo(adapt(build_config(AdaptConfig, merged, {})))
 
     return click.Command("adapt", callback=run, params=options, context_settings=HELP,

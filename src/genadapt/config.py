@@ -141,6 +141,12 @@ class AdaptConfig(BaseModel):
     validation_prompt: str | None = setting(None, "Prompt for sample grids.  [default: the training captions]", DIFFUSION)
     sample_steps: int = setting(25, "Sampler steps for grids and generated class/Fisher images.", DIFFUSION, ge=1)
     guidance_scale: float = setting(4.0, "Classifier-free guidance for grids and generated images.", DIFFUSION, ge=0)
+    # what users of diffusers' example scripts type
+    scale_lr: bool = setting(False, "Multiply the learning rate by batch size x accumulation steps x processes (diffusers' --scale_lr).")
+    validation_epochs: int | None = setting(None, "Write a sample grid every N passes over the shots (diffusers' --validation_epochs; the step form is --sample-every).", ge=1)
+    use_8bit_adam: bool = setting(False, "Same as --optimizer adamw8bit (diffusers' flag; bitsandbytes on CUDA).")
+    resume_from_checkpoint: str | None = setting(None, "latest: resume from the run folder's checkpoint, which genadapt does anyway when --out holds one.")
+    push_to_hub: bool = setting(False, "Refused: genadapt never uploads; upload the run folder yourself (huggingface-cli upload).")
     # best step by validation (genadapt.recipes.validation)
     validate_every: int = setting(0, "Score the run every N steps on held-out images (KID, copy rate), keep the best state, stop early (0: off).", ge=0)
     validation: str | None = setting(None, "Held-out images for --validate-every.  [default: the images of --data that are not the shots]")
@@ -182,6 +188,16 @@ class AdaptConfig(BaseModel):
         from genadapt.families import family_module
 
         family = self.family
+        if self.push_to_hub:
+            raise UserError("--push-to-hub: genadapt never uploads; when the run ends, upload its folder with `huggingface-cli upload USER/NAME RUN`")
+        if self.resume_from_checkpoint not in (None, "latest"):
+            raise UserError(f"--resume-from-checkpoint {self.resume_from_checkpoint}: genadapt resumes from the --out folder's own checkpoint; pass latest or leave it out")
+        if self.use_8bit_adam:
+            if self.optimizer not in ("adamw", "adamw8bit"):
+                raise UserError(f"--use-8bit-adam and --optimizer {self.optimizer} disagree; pass one of them")
+            self.optimizer = "adamw8bit"
+        if self.validation_epochs is not None and self.sample_every:
+            raise UserError("--validation-epochs and --sample-every both set the sample-grid interval; pass one")
         for name in type(self).model_fields:
             families = field_families(type(self), name)
             default = type(self).model_fields[name].get_default(call_default_factory=True)

@@ -198,3 +198,20 @@ def stopped(step: int, out: Path):
     from genadapt.errors import Interrupted
 
     return Interrupted(f"interrupted after step {step}: checkpoint saved in {Path(out) / 'checkpoints'}; rerun the same command to resume")
+
+
+def effective_lr(config, accelerator) -> float:
+    """The learning rate the optimiser gets: --scale-lr multiplies it by the images each optimiser step sees, as
+    diffusers' example scripts do."""
+    if not getattr(config, "scale_lr", False):
+        return config.lr
+    return config.lr * config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+
+
+def sample_interval(config, images: int) -> int:
+    """Steps between sample grids: --sample-every, or --validation-epochs passes over the shots."""
+    if getattr(config, "validation_epochs", None):
+        import math
+
+        return config.validation_epochs * max(1, math.ceil(images / config.batch_size))
+    return config.sample_every

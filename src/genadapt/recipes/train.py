@@ -28,7 +28,7 @@ from genadapt.config import AdaptConfig
 from genadapt.errors import UserError
 from genadapt.families import artifact_bytes, diffusion
 from genadapt.recipes import (
-    GracefulStop, append_log, check_finite, check_ranks_agree, gather_states, global_slice, load_trainable_state, make_accelerator,
+    GracefulStop, effective_lr, sample_interval, append_log, check_finite, check_ranks_agree, gather_states, global_slice, load_trainable_state, make_accelerator,
     process_generators, restore_generators, rewrite_log, stopped, trainable_state, write_run_record,
 )
 from genadapt.recipes import optim
@@ -314,7 +314,7 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
             cached_text = diffusion.encode_text(model, token_ids)
 
     parameters = technique.parameters(model)
-    optimizer = optim.make_optimizer(config.optimizer, parameters, config.lr, technique.weight_decay)
+    optimizer = optim.make_optimizer(config.optimizer, parameters, effective_lr(config, accelerator), technique.weight_decay)
     schedule_steps = max(1, config.steps // config.gradient_accumulation_steps)  # optimiser steps
     scheduler = optim.make_scheduler(config, optimizer, schedule_steps)
 
@@ -468,7 +468,7 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
                 checkpoint(done)
             if stopping and done != config.steps:
                 raise stopped(done, out)
-            if main and config.sample_every and done % config.sample_every == 0 and done != config.steps:
+            if main and sample_interval(config, len(images)) and done % sample_interval(config, len(images)) == 0 and done != config.steps:
                 reporter.image(sample_grid(out / "samples" / f"step-{done:06d}.png"), done)
         bar.close()
 

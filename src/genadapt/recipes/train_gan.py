@@ -45,7 +45,7 @@ from genadapt.families.stylegan2 import (
     lazy_adam_hyperparameters,
 )
 from genadapt.recipes import (
-    GracefulStop, append_log, check_finite, check_ranks_agree, gather_states, load_trainable_state, make_accelerator, process_generators,
+    GracefulStop, effective_lr, sample_interval, append_log, check_finite, check_ranks_agree, gather_states, load_trainable_state, make_accelerator, process_generators,
     restore_generators, rewrite_log, stopped, trainable_state, write_run_record,
 )
 from genadapt.recipes import optim
@@ -182,8 +182,8 @@ def adapt_gan(config: AdaptConfig, accelerator=None) -> dict:
         raise UserError(f"--train {config.train}: nothing trains in the {'generator' if not g_params else 'discriminator'}; loosen --freeze / --freeze-d")
     # --optimizer adam or adamw: the same update here, GAN techniques use no weight decay.
     kind = "adam" if not technique.weight_decay else config.optimizer
-    g_optim = optim.make_optimizer(kind, g_params, config.lr, technique.weight_decay, BETAS)  # no path-length reg, so no lazy correction
-    d_lr, d_betas = lazy_adam_hyperparameters(config.lr, BETAS, R1_INTERVAL)
+    g_optim = optim.make_optimizer(kind, g_params, effective_lr(config, accelerator), technique.weight_decay, BETAS)  # no path-length reg, so no lazy correction
+    d_lr, d_betas = lazy_adam_hyperparameters(effective_lr(config, accelerator), BETAS, R1_INTERVAL)
     d_optim = optim.make_optimizer(kind, d_params, d_lr, technique.weight_decay, d_betas)
     # --lr-scheduler scales both rates by the same factor per step (D's lazy-R1 rate stays D's base rate).
     g_scheduler, d_scheduler = optim.make_scheduler(config, g_optim, config.steps), optim.make_scheduler(config, d_optim, config.steps)
@@ -351,7 +351,7 @@ def adapt_gan(config: AdaptConfig, accelerator=None) -> dict:
                 checkpoint(done)
             if stopping and done != config.steps:
                 raise stopped(done, out)
-            if main and config.sample_every and done % config.sample_every == 0 and done != config.steps:
+            if main and sample_interval(config, len(images)) and done % sample_interval(config, len(images)) == 0 and done != config.steps:
                 reporter.image(_save_samples(model, config, out, done), done)
         bar.close()
         if validation is not None and validation.best_state is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -24,8 +25,29 @@ from genadapt.techniques.freeze import FreezeDSettings, train_discriminator_exce
 from genadapt.techniques.full import GAN_LR
 
 
+# Textual inversion's prompt templates (Gal et al. 2022's code, as diffusers' textual_inversion.py uses them):
+# the placeholder stands in a short sentence, so the embedding learns the concept, not the caption's words.
+OBJECT_TEMPLATES = [
+    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}", "a photo of a clean {}",
+    "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}", "a photo of the cool {}", "a close-up photo of a {}",
+    "a bright photo of the {}", "a cropped photo of a {}", "a photo of the {}", "a good photo of the {}", "a photo of one {}",
+    "a close-up photo of the {}", "a rendition of the {}", "a photo of the clean {}", "a rendition of a {}", "a photo of a nice {}",
+    "a good photo of a {}", "a photo of the nice {}", "a photo of the small {}", "a photo of the weird {}", "a photo of the large {}",
+    "a photo of a cool {}", "a photo of a small {}",
+]  # fmt: skip
+STYLE_TEMPLATES = [
+    "a painting in the style of {}", "a rendering in the style of {}", "a cropped painting in the style of {}",
+    "the painting in the style of {}", "a clean painting in the style of {}", "a dirty painting in the style of {}",
+    "a dark painting in the style of {}", "a picture in the style of {}", "a cool painting in the style of {}",
+    "a close-up painting in the style of {}", "a bright painting in the style of {}", "a good painting in the style of {}",
+    "a rendition in the style of {}", "a nice painting in the style of {}", "a small painting in the style of {}",
+    "a weird painting in the style of {}", "a large painting in the style of {}",
+]  # fmt: skip
+
+
 class EmbeddingSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    learnable_property: Literal["object", "style"] | None = setting(None, "Train on textual inversion's prompt templates instead of the captions (diffusers' --learnable_property): object 'a photo of a {}', style 'a painting in the style of {}'; one template per image.")
     token: str = setting("<genadapt>", "--train embedding: the new token.", aliases=("--placeholder-token",), min_length=1)
     init_token: str | None = setting(None, "Word to start the embedding from (else the mean of the vocabulary).", aliases=("--initializer-token",))
     vectors: int = setting(1, "Embedding vectors per token.", ge=1, le=75, aliases=("--num-vectors",))
@@ -40,6 +62,8 @@ class TextualInversion:
         self.init_token = settings.init_token
         self.vectors = settings.vectors
         self.tokens = [self.token] + [f"{self.token}_{i}" for i in range(1, self.vectors)]  # diffusers' naming
+        self.templates = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}.get(settings.learnable_property)
+        self._captioned = 0
         self.token_ids: list[list[int]] = []  # per text encoder: SDXL fine-tunes may have tokenizers that differ
 
     def prepare(self, model) -> None:
@@ -69,7 +93,11 @@ class TextualInversion:
         return token_ids
 
     def caption(self, caption: str) -> str:
-        """Put every placeholder vector in the prompt; add the token to captions that lack it."""
+        """Put every placeholder vector in the prompt; add the token to captions that lack it. With
+        --learnable-property the caption is the next template instead (in image order)."""
+        if self.templates is not None:
+            caption = self.templates[self._captioned % len(self.templates)].format(self.token)
+            self._captioned += 1
         if self.token not in caption:
             caption = f"{self.token} {caption}".strip() if caption else f"a picture of {self.token}"
         return re.sub(re.escape(self.token) + r"(?!_\d)", " ".join(self.tokens), caption, count=1)

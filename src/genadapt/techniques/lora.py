@@ -47,6 +47,7 @@ class LoRASettings(RankSettings):
     use_rslora: bool = setting(False, "rsLoRA: scale alpha / sqrt(rank) (Kalajdzievski 2023).")
     lora_targets: list[str] = setting(lambda: list(ATTENTION_TARGETS), "Module names the adapter wraps (repeatable).  [default: to_q to_k to_v to_out.0; GAN: every layer]")
     lora_text_encoder: bool = setting(False, "Also put adapters on the text encoder(s) (q/k/v/out projections).")
+    train_text_encoder: bool = setting(False, "--train lora: the same as --lora-text-encoder, as diffusers' LoRA scripts spell it; --train full: also train the text encoder(s).")
 
 
 class GANLoRASettings(RankSettings, FreezeDSettings):
@@ -64,7 +65,7 @@ class LoRA:
         self.use_dora = settings.use_dora
         self.use_rslora = settings.use_rslora
         self.targets = list(settings.lora_targets)
-        self.trains_text_encoder = settings.lora_text_encoder
+        self.trains_text_encoder = settings.lora_text_encoder or settings.train_text_encoder
 
     def peft_config(self, targets):
         from peft import LoraConfig
