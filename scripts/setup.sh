@@ -16,3 +16,13 @@ if ! .venv/bin/python -c "import genadapt, pytest" 2>/dev/null || [ pyproject.to
   .venv/bin/python -m pip install --quiet -e ".[test]"
   touch .venv/.genadapt-installed
 fi
+# tests/test_ui.py drives the web app in Chromium (Playwright's own browser download is not used): install the
+# system's chromium where this machine allows it (apt, as root or with passwordless sudo); elsewhere those tests skip.
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then SUDO="sudo -n"; fi
+  if [ -z "$SUDO" ] || sudo -n true 2>/dev/null; then
+    { $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
+      || echo "note: could not install chromium; the browser tests in tests/test_ui.py will be skipped" >&2
+  fi
+fi

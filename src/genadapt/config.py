@@ -474,7 +474,7 @@ class CompareConfig(BaseModel):
     probe_steps: int = setting(2, "Steps of the timing probe per technique.", ge=1)
     sample_steps: int = setting(25, "Sampler steps for evaluation samples.", DIFFUSION, ge=1)
     reference_share: float = setting(0.3, "Without --reference: the share of --data held out as the reference.", gt=0, lt=1)
-    validate_every: int | None = setting(None, "Validate every run every N steps on held-out pool images and keep its best step (0: off).  [default: steps / 8]", ge=0)
+    validate_every: int | None = setting(None, "Validate every run every N steps on held-out pool images and keep its best step (0: off).  [default: steps / 4]", ge=0)
     patience: int = setting(4, "Stop a run after this many validation checks without a better score (0: never early).", ge=0)
     executor: Literal["local", "ray"] = setting("local", "Where the runs go: local (this machine, --jobs at a time) or ray (tasks on a Ray cluster).")
     jobs: int = setting(1, "--executor local: runs at a time, each in its own process with one thread.", ge=1)
