@@ -100,7 +100,7 @@ def test_the_default_shot_counts_finish_on_both_pocket_models(pocket, technique,
 
     extra = {"sample_steps": 1} if pocket == "pocket-sd" else {}
     settings = CompareConfig(base=pocket, data="builtin:openmoji/flags", reference="builtin:openmoji/flags/reference",
-                             techniques=[technique], steps=2, samples=4, replicates=1, out=tmp_path, **extra)
+                             techniques=[technique], steps=2, samples=4, replicates=1, validate_every=0, out=tmp_path, **extra)
     assert settings.shots == [1, 5, 10]
     results = compare(settings)
     assert [advice["shots"] for advice in results["recommendation"]] == [1, 5, 10]
@@ -115,7 +115,7 @@ def test_a_killed_compare_resumes_without_redoing_finished_runs(base, tmp_path):
     import time
 
     args = [sys.executable, "-m", "genadapt", "compare", "--base", base, "--data", "builtin:digits/3", "--reference", "builtin:digits/3",
-            "--shots", "2", "--techniques", "lora,embedding", "--steps", "2", "--samples", "4", "--sample-steps", "1", "--batch-size", "2", "--replicates", "1"]
+            "--shots", "2", "--techniques", "lora,embedding", "--steps", "2", "--samples", "4", "--sample-steps", "1", "--batch-size", "2", "--replicates", "1", "--validate-every", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(args + ["--out", str(tmp_path / "straight")], env=env, check=True, capture_output=True, timeout=600)
     out = tmp_path / "killed"

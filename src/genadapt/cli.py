@@ -274,6 +274,7 @@ def demo(
             samples=24 if quick else 64,
             # Two replicates fit the full demo's time; the quick one pairs on sampling noise alone (docs/benchmarks.md).
             replicates=1 if quick else 2,
+            validate_every=0 if quick else None,  # --quick: the last step (about a minute); the full demo finds each run's best step
             min_steps=10 if quick else 50,
             probe_steps=1 if quick else 2,
             **({"sample_steps": 15 if quick else 25} if base == "pocket-sd" else {}),
