@@ -112,6 +112,7 @@ class AdaptConfig(BaseModel):
     background: str = setting("white", "Colour transparent images are composited on.")
     strict: bool = setting(False, "Stop on any unusable image instead of skipping it.")
     cpu: bool = setting(False, "Train on the CPU even when a GPU is present.")
+    allow_large_artifact: bool = setting(False, "Allow an adapter artifact above 2 GB (a typo like --rank 100000 is refused otherwise).", DIFFUSION)
     # training sizes, data variation, schedule and optimiser (docs/training.md)
     resolution: int | None = setting(None, "Training resolution (with --enable-bucket: buckets of about resolution² pixels).  [default: the base's native size]", DIFFUSION, ge=8)
     enable_bucket: bool = setting(False, "Aspect-ratio bucketing (kohya): each image trains at the bucket nearest its aspect ratio; batches are drawn within a bucket.", DIFFUSION)

@@ -247,6 +247,21 @@ def training_metadata(config: AdaptConfig, out: Path, images, resolution: int) -
     }
 
 
+ARTIFACT_CEILING = 2 * 1024**3  # bytes: an adapter larger than this is almost always a typo (--rank 100000 wrote 27 GB)
+
+
+def check_artifact_size(technique, model, parameters, config) -> None:
+    """An adapter's artifact (fp32 tensors) above 2 GB needs --allow-large-artifact; a whole pipeline (full, freeze)
+    is as large as the base, which the user chose."""
+    if getattr(technique, "saves_pipeline", False) or config.allow_large_artifact:
+        return
+    count = technique.trained_parameters(model) if hasattr(technique, "trained_parameters") else sum(p.numel() for p in parameters)
+    size = count * 4
+    if size > ARTIFACT_CEILING:
+        raise UserError(f"--train {config.train}: its artifact would be {size / 1024**3:.1f} GB ({count:,} trained values); "
+                        "lower --rank (or the adapter's size), or pass --allow-large-artifact if you mean it")
+
+
 def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
     """Train one run into `config.out`; resumes from `checkpoints/state.pt` if it exists."""
     from tqdm.auto import tqdm
@@ -314,6 +329,7 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
             cached_text = diffusion.encode_text(model, token_ids)
 
     parameters = technique.parameters(model)
+    check_artifact_size(technique, model, parameters, config)
     optimizer = optim.make_optimizer(config.optimizer, parameters, effective_lr(config, accelerator), technique.weight_decay)
     schedule_steps = max(1, config.steps // config.gradient_accumulation_steps)  # optimiser steps
     scheduler = optim.make_scheduler(config, optimizer, schedule_steps)

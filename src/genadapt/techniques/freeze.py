@@ -66,6 +66,7 @@ def _matches(full_name: str, patterns: list[str]) -> bool:
 
 class DiffusionSelectiveFineTuning:
     name = "freeze"
+    saves_pipeline = True  # the artifact is the whole pipeline, as large as the base
     weight_decay = 1e-2
 
     def __init__(self, settings: DiffusionPatternSettings):

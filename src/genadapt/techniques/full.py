@@ -40,6 +40,7 @@ def save_pipeline_run(model, out: Path, single_file: bool) -> list[Path]:
 
 class DiffusionFullFineTuning:
     name = "full"
+    saves_pipeline = True  # the artifact is the whole pipeline, as large as the base
     weight_decay = 1e-2
 
     def __init__(self, settings: DiffusionFullSettings):
