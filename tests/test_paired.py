@@ -1,10 +1,19 @@
 """Paired statistics: two fake techniques whose samples differ by a known shift from the same noise are told apart
 by the paired, replicate-pooled interval, while their two independent intervals overlap."""
 
+import math
+
 import numpy as np
 import torch
 
-from genadapt.eval.paired import PairedKID, pooled_difference, unpaired_overlap
+from genadapt.eval.paired import Z_95, PairedKID, pooled_difference
+
+
+def unpaired_overlap(a_full: float, a_halves: np.ndarray, b_full: float, b_halves: np.ndarray) -> bool:
+    """The weak test compare used before: do two independent 95% intervals overlap?"""
+    se_a = math.sqrt(np.mean((a_halves - a_full) ** 2))
+    se_b = math.sqrt(np.mean((b_halves - b_full) ** 2))
+    return not (a_full + Z_95 * se_a < b_full - Z_95 * se_b or b_full + Z_95 * se_b < a_full - Z_95 * se_a)
 
 
 def _replicates(delta: float, count: int = 3):

@@ -161,7 +161,7 @@ def sample(
     seed: int = typer.Option(0, help="Seed; the same seed gives the same images."),
     lora: list[str] = typer.Option([], help="Add a LoRA run or file with a weight, RUN:WEIGHT (repeatable, composable)."),
     out: Path = typer.Option(Path("grid.png"), help="Grid PNG to write, or a folder: one PNG per image plus grid.png."),
-    threads: Optional[int] = typer.Option(None, help="Intra-op CPU threads.  [default: 1 for small models or 2 cores, else the free cores]"),
+    threads: Optional[int] = typer.Option(None, help="Intra-op CPU threads.  [default: 1 on 2-core machines, else the free cores]"),
 ) -> None:
     """Generate images from a base model or an adapted run."""
     from genadapt.api import sample as run_sample
@@ -212,7 +212,7 @@ def evaluate(
     num_samples: Optional[int] = typer.Option(None, help="Samples to generate from a run folder.  [default: reference size]"),
     seed: int = typer.Option(0, help="Seed for generated samples and bootstrap."),
     out: Path = typer.Option(..., help="Folder for metrics.json, report.md and report.html."),
-    threads: Optional[int] = typer.Option(None, help="Intra-op CPU threads.  [default: 1 for small models or 2 cores, else the free cores]"),
+    threads: Optional[int] = typer.Option(None, help="Intra-op CPU threads.  [default: 1 on 2-core machines, else the free cores]"),
 ) -> None:
     """FID/KID with CIs, precision/recall, density/coverage; with --train, diversity and memorisation
     (and intra-cluster LPIPS with --lpips-backbone and --lpips-linear)."""
@@ -243,7 +243,7 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="About 3 minutes: two techniques per model, fewer samples."),
     out: Path = typer.Option(Path("runs/demo"), help="Where the runs and the reports go; rerun to resume."),
     target: str = typer.Option("flags", help="Held-out OpenMoji target domain: flags (far) or dark-skin (near)."),
-    threads: Optional[int] = typer.Option(None, help="Intra-op CPU threads.  [default: 1 for small models or 2 cores, else the free cores]"),
+    threads: Optional[int] = typer.Option(None, help="Intra-op CPU threads.  [default: 1 on 2-core machines, else the free cores]"),
 ) -> None:
     """The main job on built-in data: compare techniques on 10 shots of a held-out OpenMoji domain,
     with pocket-sd and pocket-stylegan2, and write one report."""
@@ -308,7 +308,7 @@ def ui(
 
 def THREADS_OPTION() -> click.Option:
     return click.Option(["--threads", "threads"], type=int, default=None,
-                        help="Intra-op CPU threads for this command and its child processes.  [default: 1 for small models or 2 cores, else the free cores]")
+                        help="Intra-op CPU threads for this command and its child processes.  [default: 1 on 2-core machines, else the free cores]")
 
 
 def _set_threads(threads: int | None) -> None:
@@ -449,7 +449,7 @@ def _relaunch(processes: int) -> None:
         raise typer.Exit(code)
 
 
-def _simple_command(name: str, model_name: str, run_name: str, help_text: str, extra_help: dict | None = None) -> click.Command:
+def _simple_command(name: str, model_name: str, help_text: str, extra_help: dict | None = None) -> click.Command:
     from genadapt import config as config_module
 
     model = getattr(config_module, model_name)
@@ -467,7 +467,7 @@ def _simple_command(name: str, model_name: str, run_name: str, help_text: str, e
 
         _set_threads(values.pop("threads", None))
         settings = build_config(model, _config_values(click.get_current_context(), values), {})
-        result = getattr(api, run_name)(settings)
+        result = getattr(api, name)(settings)
         if name == "compare":
             from genadapt.eval.report import verdict_text
 
@@ -498,8 +498,8 @@ def _generated(name: str) -> click.Command:
     if name == "adapt":
         return _adapt_command()
     if name == "compare":
-        return _simple_command("compare", "CompareConfig", "compare", GENERATED[name], {"techniques": _compare_help})
-    return _simple_command("distill", "DistillConfig", "distill", GENERATED[name])
+        return _simple_command("compare", "CompareConfig", GENERATED[name], {"techniques": _compare_help})
+    return _simple_command("distill", "DistillConfig", GENERATED[name])
 
 
 class GenadaptCLI(click.Group):

@@ -420,12 +420,9 @@ class DistillConfig(BaseModel):
 
     def teacher_base(self) -> str:
         """The teacher's base: itself, or the base an adapt run folder recorded."""
-        path = Path(self.teacher)
-        if (path / "run.json").is_file() or ((path / "config.yaml").is_file() and not (path / "model_index.json").is_file()):
-            from genadapt.models import run_record
+        from genadapt.models import is_run, run_record
 
-            return run_record(path).get("base") or self.teacher
-        return self.teacher
+        return (run_record(self.teacher).get("base") or self.teacher) if is_run(self.teacher) else self.teacher
 
     @property
     def n_steps(self) -> int:

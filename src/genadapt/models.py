@@ -121,21 +121,21 @@ def run_prompts(run: str | Path) -> list[str]:
     return [item["caption"] for item in manifest["data"]["train"]["items"]]
 
 
-def run_samples(run: str | Path, n: int, seed: int = 0, steps: int | None = None, guidance: float | None = None):
-    """An ImageSet of n samples of a run; diffusion prompts cycle over the captions it trained on."""
+def _sample_set(model, name: str, n: int, seed: int, prompts: list[str] | None, steps, guidance=None):
+    """An ImageSet of n samples; diffusion prompts cycle over `prompts` (GANs take none)."""
     from genadapt.data.imageset import image_set
 
-    model = load_run(run)
-    prompts = run_prompts(run) if model.family == "diffusion" else None
+    prompts = prompts if model.family == "diffusion" else None
     images = sample(model, n, seed, prompts, steps=steps, guidance=guidance, progress=True)
-    return image_set(f"{run}#samples(seed={seed})", images, [prompts[i % len(prompts)] for i in range(n)] if prompts else None)
+    return image_set(f"{name}#samples(seed={seed})", images, [prompts[i % len(prompts)] for i in range(n)] if prompts else None)
+
+
+def run_samples(run: str | Path, n: int, seed: int = 0, steps: int | None = None, guidance: float | None = None):
+    """n samples of a run; diffusion prompts cycle over the captions it trained on."""
+    model = load_run(run)
+    return _sample_set(model, str(run), n, seed, run_prompts(run) if model.family == "diffusion" else None, steps, guidance)
 
 
 def base_samples(base: str, n: int, prompts: list[str], seed: int = 0, steps: int | None = None):
-    """An ImageSet of n samples of an unadapted base (the baseline), prompts cycled (GANs take none)."""
-    from genadapt.data.imageset import image_set
-
-    model = load_base(base)
-    prompts = prompts if model.family == "diffusion" else None
-    images = sample(model, n, seed, prompts, steps=steps, progress=True)
-    return image_set(f"{base}#samples(seed={seed})", images, [prompts[i % len(prompts)] for i in range(n)] if prompts else None)
+    """n samples of an unadapted base (the baseline), prompts cycled (GANs take none)."""
+    return _sample_set(load_base(base), base, n, seed, prompts, steps)

@@ -168,11 +168,10 @@ def free_cores() -> int:
     return max(1, min(cores, round(cores - load + 0.5)))
 
 
-def choose_threads(requested: int = 0, parameters: int | None = None) -> int:
-    """Intra-op threads for a heavy job. `requested` (`--threads N`, or GENADAPT_THREADS) wins; else one thread for
-    small models (under ~50 M parameters: the pocket models, whose ops are too small for OpenMP's barriers to pay,
-    and two threads beside any other busy process stalled every barrier, 5-17x slower steps; docs/techniques.md),
-    and the free cores for large ones."""
+def choose_threads(requested: int = 0) -> int:
+    """Intra-op threads for a heavy job: `requested` (`--threads N`), else GENADAPT_THREADS, else a user's
+    OMP_NUM_THREADS, else one thread on machines of 2 cores or fewer (two threads beside any other busy process
+    stalled every barrier, 5-17x slower steps; docs/techniques.md), else the free cores."""
     import os
 
     requested = requested or int(os.environ.get("GENADAPT_THREADS", "0") or 0)
@@ -180,12 +179,10 @@ def choose_threads(requested: int = 0, parameters: int | None = None) -> int:
         return requested
     if os.environ.get("OMP_NUM_THREADS"):
         return int(os.environ["OMP_NUM_THREADS"])
-    if parameters is not None and parameters < 50_000_000:
-        return 1
-    return free_cores() if parameters is not None else min(free_cores(), 1 if (os.cpu_count() or 1) <= 2 else free_cores())
+    return 1 if (os.cpu_count() or 1) <= 2 else free_cores()
 
 
-def use_cpu(threads: int = 0, parameters: int | None = None) -> int:
+def use_cpu(threads: int = 0) -> int:
     """torch's thread count (`choose_threads`), exported to child processes (OMP_NUM_THREADS, so torchrun and
     accelerate workers keep it), and flush-to-zero: tiny weights and gradients drift into denormal floats, which
     x86 handles ~100x slower (pocket-sd's VAE slowed ~30x late in training). Returns the thread count."""
@@ -193,7 +190,7 @@ def use_cpu(threads: int = 0, parameters: int | None = None) -> int:
 
     import torch
 
-    count = choose_threads(threads, parameters)
+    count = choose_threads(threads)
     torch.set_num_threads(count)
     os.environ["OMP_NUM_THREADS"] = str(count)
     torch.set_flush_denormal(True)

@@ -86,10 +86,3 @@ def pooled_difference(a: list[tuple[float, np.ndarray]], b: list[tuple[float, np
         "per_replicate": deltas.tolist(),
         "between_replicate_variance": between,
     }
-
-
-def unpaired_overlap(a_full: float, a_halves: np.ndarray, b_full: float, b_halves: np.ndarray) -> bool:
-    """The weak test compare used before: do two independent 95% intervals overlap?"""
-    se_a = math.sqrt(np.mean((a_halves - a_full) ** 2))
-    se_b = math.sqrt(np.mean((b_halves - b_full) ** 2))
-    return not (a_full + Z_95 * se_a < b_full - Z_95 * se_b or b_full + Z_95 * se_b < a_full - Z_95 * se_a)

@@ -99,11 +99,12 @@ def load_trainable_state(model, state: dict[str, torch.Tensor], path: Path) -> N
             parameters[name].copy_(value)
 
 
-def write_run_record(out: Path, config, family: str, **extra) -> None:
-    """config.yaml (what the run used), run.json (what the run is); manifest.json is written by the loop."""
+def write_run_record(out: Path, config, family: str, resolved: dict | None = None, **extra) -> None:
+    """config.yaml (what the run used: `resolved`, else the config's own), run.json (what the run is); manifest.json
+    is written by the loop."""
     from genadapt.runs import write_json, write_yaml
 
-    write_yaml(out / "config.yaml", config.resolved())
+    write_yaml(out / "config.yaml", resolved or config.resolved())
     write_json(out / "run.json", {
         "kind": "adapt", "family": family, "train": config.train, "losses": [spec.name for spec in config.loss],
         "base": config.base, "allow_pickle": bool(getattr(config, "allow_pickle", False)), **extra,
@@ -215,3 +216,25 @@ def sample_interval(config, images: int) -> int:
 
         return config.validation_epochs * max(1, math.ceil(images / config.batch_size))
     return config.sample_every
+
+
+def add_terms(terms: dict, total: torch.Tensor, weight: float, produced: dict) -> torch.Tensor:
+    """Log a loss technique's terms by name, unweighted, and add them, weighted, to the step's total."""
+    for name, value in produced.items():
+        terms[name] = value
+        total = total + weight * value.to(total.device)
+    return total
+
+
+def end_of_step(done: int, model, config, accelerator, stop, validation, snapshot, checkpoint, bar, out: Path) -> None:
+    """What both loops do after a step: a validation check when due, a checkpoint (periodic, the last step, an early
+    stop, or before an interrupt) and, when asked to stop, the interrupt with its resume hint."""
+    if validation is not None and validation.due(done):
+        check = validation.check(done, model, snapshot)
+        bar.write(f"step {done}: validation KID {check['kid']:.4f}, copies {check['copy_rate']:.0%}{' (best)' if check['best'] else ''}")
+    stopping = stop.requested(accelerator)
+    early = validation is not None and validation.stop
+    if done % config.checkpointing_steps == 0 or done == config.steps or stopping or early:
+        checkpoint(done)
+    if stopping and done != config.steps:
+        raise stopped(done, out)

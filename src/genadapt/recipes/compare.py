@@ -238,13 +238,13 @@ def _compare(settings: CompareConfig) -> dict:
     for replicate in range(plan.replicates):
         seed = settings.seed + replicate
         folder = out / ("base" if replicate == 0 else f"base-r{replicate}")
-        largest = load_dataset(settings.data, resolution=32, shots=max(settings.shots), seed=seed, caption=settings.caption)
         samples = None
         for shots in settings.shots:
             name = f"base-{shots}shot-r{replicate}"
             path = folder / f"eval-{shots}shot.json"
             if not path.is_file():
-                if samples is None:
+                if samples is None:  # the base is sampled once per replicate, prompted with its largest shot set's captions
+                    largest = load_dataset(settings.data, resolution=32, shots=max(settings.shots), seed=seed, caption=settings.caption)
                     samples = base_samples(settings.base, settings.samples, largest.captions, seed, settings.sample_steps)
                 train_shots = load_dataset(settings.data, resolution=32, shots=shots, seed=seed)
                 evaluation = evaluate(samples, reference, train_shots, out=folder if shots == max(settings.shots) else None)

@@ -28,13 +28,13 @@ from genadapt.config import AdaptConfig
 from genadapt.errors import UserError
 from genadapt.families import artifact_bytes, diffusion
 from genadapt.recipes import (
-    GracefulStop, effective_lr, sample_interval, append_log, check_finite, check_ranks_agree, gather_states, global_slice, load_trainable_state, make_accelerator,
-    process_generators, restore_generators, rewrite_log, stopped, trainable_state, write_run_record,
+    GracefulStop, add_terms, effective_lr, end_of_step, sample_interval, append_log, check_finite, check_ranks_agree, gather_states, global_slice, load_trainable_state, make_accelerator,
+    process_generators, restore_generators, rewrite_log, trainable_state, write_run_record,
 )
 from genadapt.recipes import optim
 from genadapt.recipes.logging import Reporter
 from genadapt.runfolder import check_not_shorter, check_same_data, data_digest
-from genadapt.runs import check_resumable, load_checkpoint, save_torch, use_cpu, write_json, write_manifest, write_yaml
+from genadapt.runs import check_resumable, load_checkpoint, save_torch, use_cpu, write_json, write_manifest
 from genadapt.techniques import Step
 
 STATE_FILE = "checkpoints/state.pt"
@@ -310,8 +310,8 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
     check_resumable(out, STATE_FILE, resolved, ignored={"steps"})  # a longer run continues a shorter one
     check_same_data(out, STATE_FILE, images)
     if main:
-        write_run_record(out, config, "diffusion", device=str(accelerator.device), processes=accelerator.num_processes)
-        write_yaml(out / "config.yaml", resolved)  # with the resolution (and buckets) the run resolved from the base
+        # config.yaml with the resolution (and buckets) the run resolved from the base
+        write_run_record(out, config, "diffusion", resolved, device=str(accelerator.device), processes=accelerator.num_processes)
         write_manifest(out, config.seed, {"train": images}, {"base": config.base, "resolution": resolution, "data_sha256": data_digest(images)})
 
     buckets, notes = training_buckets(model, images, config, resolution, bucket_settings)
@@ -406,6 +406,11 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
     started = time.time()
     timesteps_total = model.noise_scheduler.config.num_train_timesteps
     weights = torch.tensor([float(len(bucket)) for bucket in buckets])
+    def snapshot() -> dict:
+        """The state a validation check keeps when it is the best: what the run would save."""
+        return {"trainable": trainable_state(model), **({"ema": optim.ema_state(ema)} if ema is not None else {})}
+
+    grid_every = sample_interval(config, len(images))
     with GracefulStop() as stop, Reporter(out, config.report_to, main, start) as reporter:
         for step_index in range(start, config.steps):
             if validation is not None and validation.stop:
@@ -451,9 +456,7 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
                 )
                 total = terms["denoise"]
                 for weight, loss_technique in losses:
-                    for name, value in loss_technique.loss(step).items():
-                        terms[name] = value
-                        total = total + weight * value.to(total.device)
+                    total = add_terms(terms, total, weight, loss_technique.loss(step))
                 check_finite(terms, step_index + 1, out)
                 accelerator.backward(total)
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
@@ -475,16 +478,8 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
                 reporter.log(done, record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if validation is not None and validation.due(done):
-                check = validation.check(done, model, lambda: {"trainable": trainable_state(model), **({"ema": optim.ema_state(ema)} if ema is not None else {})})
-                bar.write(f"step {done}: validation KID {check['kid']:.4f}, copies {check['copy_rate']:.0%}{' (best)' if check['best'] else ''}")
-            stopping = stop.requested(accelerator)
-            early = validation is not None and validation.stop
-            if done % config.checkpointing_steps == 0 or done == config.steps or stopping or early:
-                checkpoint(done)
-            if stopping and done != config.steps:
-                raise stopped(done, out)
-            if main and sample_interval(config, len(images)) and done % sample_interval(config, len(images)) == 0 and done != config.steps:
+            end_of_step(done, model, config, accelerator, stop, validation, snapshot, checkpoint, bar, out)
+            if main and grid_every and done % grid_every == 0 and done != config.steps:
                 reporter.image(sample_grid(out / "samples" / f"step-{done:06d}.png"), done)
         bar.close()
 

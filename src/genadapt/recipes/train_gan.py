@@ -45,8 +45,8 @@ from genadapt.families.stylegan2 import (
     lazy_adam_hyperparameters,
 )
 from genadapt.recipes import (
-    GracefulStop, effective_lr, sample_interval, append_log, check_finite, check_ranks_agree, gather_states, load_trainable_state, make_accelerator, process_generators,
-    restore_generators, rewrite_log, stopped, trainable_state, write_run_record,
+    GracefulStop, add_terms, effective_lr, end_of_step, sample_interval, append_log, check_finite, check_ranks_agree, gather_states, load_trainable_state, make_accelerator, process_generators,
+    restore_generators, rewrite_log, trainable_state, write_run_record,
 )
 from genadapt.recipes import optim
 from genadapt.recipes.logging import Reporter
@@ -171,10 +171,8 @@ def adapt_gan(config: AdaptConfig, accelerator=None) -> dict:
     check_resumable(out, STATE_FILE, resolved, ignored={"steps"})
     check_same_data(out, STATE_FILE, images)
     if main:
-        from genadapt.runs import write_yaml
-
-        write_run_record(out, config, "gan", device=str(device), processes=accelerator.num_processes)
-        write_yaml(out / "config.yaml", resolved)  # with the values the technique resolved from the base (FreezeD's blocks, γ)
+        # config.yaml with the values the technique resolved from the base (FreezeD's blocks, γ)
+        write_run_record(out, config, "gan", resolved, device=str(device), processes=accelerator.num_processes)
         write_manifest(out, config.seed, {"train": images}, {"base": config.base, "resolution": model.resolution, "data_sha256": data_digest(images)})
 
     g_params, d_params = _split_sides(model, technique.parameters(model))
@@ -261,6 +259,7 @@ def adapt_gan(config: AdaptConfig, accelerator=None) -> dict:
     default = gan.default_adversarial(model)
     bar = progress(config.steps, start, f"adapt {config.train}", disable=not main)
     started = time.time()
+    grid_every = sample_interval(config, len(images))
     with GracefulStop() as stop, Reporter(out, config.report_to, main, start) as reporter:
         for step_index in range(start, config.steps):
             if validation is not None and validation.stop:
@@ -289,9 +288,7 @@ def adapt_gan(config: AdaptConfig, accelerator=None) -> dict:
                     d_total = d_terms["d_adv"]
                     for weight, loss_technique in losses:
                         if hasattr(loss_technique, "d_loss"):
-                            for name, value in loss_technique.d_loss(step).items():
-                                d_terms[name] = value
-                                d_total = d_total + weight * value
+                            d_total = add_terms(d_terms, d_total, weight, loss_technique.d_loss(step))
                 check_finite(d_terms, step_index + 1, out)
                 accelerator.backward(d_total / accumulation)
                 augment.update(accelerator.gather(real_logits.detach().float()))
@@ -321,9 +318,7 @@ def adapt_gan(config: AdaptConfig, accelerator=None) -> dict:
                         g_total = g_terms["g_adv"]
                         for weight, loss_technique in losses:
                             if hasattr(loss_technique, "loss"):
-                                for name, value in loss_technique.loss(step).items():
-                                    g_terms[name] = value
-                                    g_total = g_total + weight * value
+                                g_total = add_terms(g_terms, g_total, weight, loss_technique.loss(step))
                     check_finite(g_terms, step_index + 1, out)
                     accelerator.backward(g_total / accumulation)
                 _step(g_optim, g_params, config, accelerator)
@@ -342,16 +337,9 @@ def adapt_gan(config: AdaptConfig, accelerator=None) -> dict:
                 reporter.log(done, record)
             bar.update(1)
             bar.set_postfix(d=f"{record['d_loss']:.3f}", g=f"{record['g_loss']:.3f}")
-            if validation is not None and validation.due(done):
-                check = validation.check(done, model, lambda: {"trainable": trainable_state(model), "ema": _ema_state(model)})
-                bar.write(f"step {done}: validation KID {check['kid']:.4f}, copies {check['copy_rate']:.0%}{' (best)' if check['best'] else ''}")
-            stopping = stop.requested(accelerator)
-            early = validation is not None and validation.stop
-            if done % config.checkpointing_steps == 0 or done == config.steps or stopping or early:
-                checkpoint(done)
-            if stopping and done != config.steps:
-                raise stopped(done, out)
-            if main and sample_interval(config, len(images)) and done % sample_interval(config, len(images)) == 0 and done != config.steps:
+            end_of_step(done, model, config, accelerator, stop, validation, lambda: {"trainable": trainable_state(model), "ema": _ema_state(model)},
+                        checkpoint, bar, out)
+            if main and grid_every and done % grid_every == 0 and done != config.steps:
                 reporter.image(_save_samples(model, config, out, done), done)
         bar.close()
         if validation is not None and validation.best_state is not None:
