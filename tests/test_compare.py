@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import yaml
 
 from diffusion_fixtures import build_tiny_pipeline
 from genadapt.config import CompareConfig as CompareSettings
@@ -34,6 +35,23 @@ def test_compare_writes_complete_results_and_resumes(base, tmp_path):
         assert (tmp_path / "runs" / name / "validation.jsonl").read_text().strip()  # every run has its validation curve
         assert results["runs"][name]["best_step"] is not None
         assert (tmp_path / "runs" / name / "eval" / "samples.png").is_file()
+    # The learning-rate probe: 3 rates 3x apart around each technique's default, the lowest validation KID trains the runs.
+    probe = json.loads((tmp_path / "lr_probe.json").read_text())
+    assert probe == results["lr_probe"] and probe["shots"] == 4 and probe["steps"] == 2
+    for technique, sweep in probe["techniques"].items():
+        default = sweep["default"]
+        assert sweep["rates"] == pytest.approx([default / 3, default, default * 3])
+        scored = [(kid, rate) for kid, rate in zip(sweep["kid"], sweep["rates"]) if kid is not None]
+        assert scored and sweep["chosen"] == min(scored)[1]
+        for shots in (2, 4):
+            run = tmp_path / "runs" / f"{technique}-{shots}shot-r0"
+            assert yaml.safe_load((run / "config.yaml").read_text())["learning_rate"] == pytest.approx(sweep["chosen"])
+            assert results["runs"][run.name]["learning_rate"] == pytest.approx(sweep["chosen"])
+        assert len((tmp_path / "lr_probe" / f"{technique}-4shot-lr0" / "validation.jsonl").read_text().splitlines()) == 2
+    assert "Learning rate" in report and "rate: validation KID" in report
+    pick = results["recommendation"][1]["technique"]
+    assert f"learning-rate {probe['techniques'][pick]['chosen']:.3g}" in (tmp_path / "report.html").read_text()
+    probe_stamp = (tmp_path / "lr_probe.json").stat().st_mtime_ns
 
     finished = tmp_path / "runs" / "lora-2shot-r0" / "eval.json"
     stamp = finished.stat().st_mtime_ns
@@ -42,10 +60,12 @@ def test_compare_writes_complete_results_and_resumes(base, tmp_path):
     assert finished.stat().st_mtime_ns == stamp
     assert (tmp_path / "runs" / "embedding-4shot-r0" / "eval.json").is_file()
     assert json.loads((tmp_path / "results.json").read_text())["plan"] == again["plan"]
+    assert (tmp_path / "lr_probe.json").stat().st_mtime_ns == probe_stamp  # the probe is not rerun on resume
 
 
 def test_plan_drops_the_most_expensive_runs_first(tmp_path):
-    settings = CompareSettings(base="x", data="x", reference="x", out=tmp_path, shots=[1, 10], techniques=["lora", "full"], budget_minutes=1, min_steps=50, samples=4)
+    settings = CompareSettings(base="x", data="x", reference="x", out=tmp_path, shots=[1, 10], techniques=["lora", "full"], budget_minutes=1, min_steps=50, samples=4,
+                               lr_probe=1)
     per_step = {"lora": 0.1, "lora:setup": 1.0, "full": 1.0, "full:setup": 1.0}
     plan = make_plan(settings, per_step, per_sample=0.0)
     assert isinstance(plan, ComparePlan) and plan.steps >= 50
@@ -86,7 +106,7 @@ def test_without_reference_a_share_of_the_data_is_held_out(tmp_path):
 
 def test_fixed_steps_skip_the_probe(base, tmp_path):
     settings = _settings(base, tmp_path)
-    settings.shots, settings.techniques, settings.steps = [2], ["embedding"], 2
+    settings.shots, settings.techniques, settings.steps, settings.lr_probe = [2], ["embedding"], 2, 1
     results = compare(settings)
     assert results["plan"]["steps"] == 2 and results["plan"]["seconds_per_step"] == {}
     assert not (tmp_path / "probe").exists()
@@ -100,7 +120,7 @@ def test_the_default_shot_counts_finish_on_both_pocket_models(pocket, technique,
 
     extra = {"sample_steps": 1} if pocket == "pocket-sd" else {}
     settings = CompareConfig(base=pocket, data="builtin:openmoji/flags", reference="builtin:openmoji/flags/reference",
-                             techniques=[technique], steps=2, samples=4, replicates=1, validate_every=0, out=tmp_path, **extra)
+                             techniques=[technique], steps=2, samples=4, replicates=1, validate_every=0, lr_probe=1, out=tmp_path, **extra)
     assert settings.shots == [1, 5, 10]
     results = compare(settings)
     assert [advice["shots"] for advice in results["recommendation"]] == [1, 5, 10]
@@ -115,7 +135,7 @@ def test_a_killed_compare_resumes_without_redoing_finished_runs(base, tmp_path):
     import time
 
     args = [sys.executable, "-m", "genadapt", "compare", "--base", base, "--data", "builtin:digits/3", "--reference", "builtin:digits/3",
-            "--shots", "2", "--techniques", "lora,embedding", "--steps", "2", "--samples", "4", "--sample-steps", "1", "--batch-size", "2", "--replicates", "1", "--validate-every", "0"]
+            "--shots", "2", "--techniques", "lora,embedding", "--steps", "2", "--samples", "4", "--sample-steps", "1", "--batch-size", "2", "--replicates", "1", "--validate-every", "0", "--lr-probe", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(args + ["--out", str(tmp_path / "straight")], env=env, check=True, capture_output=True, timeout=600)
     out = tmp_path / "killed"
@@ -140,6 +160,16 @@ def test_a_killed_compare_resumes_without_redoing_finished_runs(base, tmp_path):
 def test_the_budget_decides_replicates_before_it_drops_runs(tmp_path):
     per_step = {"lora": 0.1, "lora:setup": 1.0}
     settings = CompareSettings(base="x", data="x", reference="x", out=tmp_path, shots=[5], techniques=["lora"], budget_minutes=0.25,
-                               min_steps=50, samples=4, replicates=3)
+                               min_steps=50, samples=4, replicates=3, lr_probe=1)
     plan = make_plan(settings, per_step, per_sample=0.0)  # 15 s: 2 runs of 50 steps (2 x 6 s) fit, 3 (18 s) do not
     assert plan.replicates == 2 and plan.runs == ["lora-5shot-r0", "lora-5shot-r1"] and not plan.dropped
+
+
+def test_the_plan_pays_for_the_learning_rate_probe(tmp_path):
+    per_step = {"lora": 0.1, "lora:setup": 1.0}
+    settings = CompareSettings(base="x", data="x", reference="x", out=tmp_path, shots=[5], techniques=["lora"], budget_minutes=0.25,
+                               min_steps=50, samples=4, replicates=3, lr_probe=3)
+    plan = make_plan(settings, per_step, per_sample=0.0)
+    # 3 probe runs of a quarter of the steps each, with their setup: 2 replicates no longer fit 15 s, one run of 62 steps does.
+    assert plan.replicates == 1 and plan.steps == 62
+    assert plan.estimated_minutes == pytest.approx((0.1 * 62 + 1.0 + 3 * (0.1 * 62 / 4 + 1.0)) / 60, abs=0.005)  # rounded to 0.01 min

@@ -27,7 +27,7 @@ def base(tmp_path_factory):
 def _args(base, out, executor):
     args = [sys.executable, "-m", "genadapt", "compare", "--base", base, "--data", "builtin:digits/3", "--reference", "builtin:digits/3",
             "--shots", "2", "--techniques", "lora,embedding", "--steps", "6", "--samples", "4", "--sample-steps", "1", "--batch-size", "2",
-            "--replicates", "1", "--out", str(out)]
+            "--replicates", "1", "--lr-probe", "2", "--lr-probe-steps", "2", "--out", str(out)]
     return args + (["--executor", "ray", "--cpus-per-run", "1"] if executor == "ray" else [])
 
 
@@ -38,7 +38,7 @@ def _comparable(results: dict) -> dict:
         evaluation = {k: v for k, v in run["evaluation"].items() if k != "samples"}
         runs[name] = {"technique": run["technique"], "shots": run["shots"], "evaluation": evaluation, "artifact_bytes": run.get("artifact_bytes")}
     decision = [(a["shots"], a.get("technique"), a.get("tied_with"), {t: r["kid"] for t, r in a["techniques"].items()}) for a in results["recommendation"]]
-    return {"runs": runs, "decision": decision, "failed": results.get("failed")}
+    return {"runs": runs, "decision": decision, "failed": results.get("failed"), "lr_probe": results.get("lr_probe")}
 
 
 def _ray_workers() -> list[int]:

@@ -139,7 +139,7 @@ def verdict(results: dict) -> list[str]:
         if pick is None:
             lines.append(f"With {shots} shot(s): no technique qualifies: {', '.join(disqualified)}.")
             continue
-        options = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in advice.get("settings", {}).items() if k != "loss")
+        options = ", ".join(f"{k.replace('_', '-')} {f'{v:.3g}' if isinstance(v, float) else v}" for k, v in advice.get("settings", {}).items() if k != "loss")
         text = f"With {shots} shot(s) use <b>{html.escape(pick)}</b>" + (f" ({html.escape(options)})" if options else "")
         winner = advice["fidelity_winner"]
         beaten = [f"{html.escape(t)} by {-c['difference']:.4f} KID [{-c['ci_high']:.4f}, {-c['ci_low']:.4f}]"
@@ -173,6 +173,31 @@ def verdict_text(results: dict) -> list[str]:
     import re
 
     return [html.unescape(re.sub(r"</?[bi]>", "", line)) for line in verdict(results)]
+
+
+def _lr_probe_section(probe: dict | None) -> str:
+    """The learning-rate sweep: validation KID against rate per technique, and the rate each technique trained at."""
+    if not probe:
+        return "<h2>Learning rate</h2><p>No probe (--lr-probe 1): every technique trained at its default rate.</p>"
+    rows, series = [], {}
+    for technique, sweep in probe["techniques"].items():
+        cells = "".join(
+            f"<td>{rate:.2g}: {'—' if kid is None else f'{kid:.4f}'}{'' if step is None else f' <small>@{step}</small>'}</td>"
+            for rate, kid, step in zip(sweep["rates"], sweep["kid"], sweep["best_step"])
+        )
+        chosen = "—" if sweep["chosen"] is None else f"<b>{sweep['chosen']:.2g}</b>"
+        default = "" if sweep["default"] is None else f" <small>(default {sweep['default']:.2g})</small>"
+        failed = f" <small>failed: {html.escape('; '.join(sweep['failed']))}</small>" if sweep["failed"] else ""
+        rows.append(f"<tr><td>{html.escape(technique)}</td>{cells}<td>{chosen}{default}{failed}</td></tr>")
+        points = [(rate, kid) for rate, kid in zip(sweep["rates"], sweep["kid"]) if kid is not None]
+        if points:
+            series[technique] = points
+    plot = _svg_lines(series, x_label="learning rate (log)", y_label="best validation KID", log_x=True)
+    return (f"<h2>Learning rate</h2><p>Before the runs, each technique trained {probe['steps']} steps on {probe['shots']} shots at each rate "
+            f"({probe['factor']:g}x apart); each was scored by validation KID on held-out pool images (never the reference), and the best rate "
+            f"under the copy ceiling trained every run of that technique.</p>{plot}"
+            f"<table><tr><th>technique</th>{'<th>rate: validation KID @ step</th>' * max(len(s['rates']) for s in probe['techniques'].values())}"
+            f"<th>trained at</th></tr>{''.join(rows)}</table>")
 
 
 def write_compare_report(results: dict, out: Path) -> Path:
@@ -221,6 +246,7 @@ def write_compare_report(results: dict, out: Path) -> Path:
             )
         sections.append(f"<h3>{shots} shot(s)</h3><div class='grid'>{''.join(cards)}</div>")
 
+    probe_section = _lr_probe_section(results.get("lr_probe"))
     dropped = "".join(f"<li>{html.escape(d)}</li>" for d in plan["dropped"]) or "<li>none</li>"
     failed = "".join(f"<li><b>{html.escape(name)}</b> failed after its retries: {html.escape(error)}</li>" for name, error in results.get("failed", {}).items())
     if plan["seconds_per_step"]:
@@ -245,6 +271,7 @@ in the feature space <code>{html.escape(results['runs']['base']['evaluation']['f
 a difference whose interval excludes 0 is a win. Rule: disqualified above {settings.get('copy_ceiling', 0.05):.0%} copies or below
 {settings.get('diversity_floor', 0.5):g}x the base's diversity; lowest KID wins; ties go to the smallest artifact, then fewest CPU-minutes.
 Diversity: mean pairwise cosine distance of samples assigned to the same shot (CDC protocol, in the eval encoder's space). Copy rate: see docs/evaluation.md.</small></p>
+{probe_section}
 {''.join(sections)}
 <h2>Plan</h2><p>{plan_text}</p>
 <p>Dropped runs:</p><ul>{dropped}</ul>{'<p>Failed runs (left out of the decision):</p><ul>' + failed + '</ul>' if failed else ''}</body></html>"""

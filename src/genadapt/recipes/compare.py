@@ -6,6 +6,12 @@ allows decides the number of replicates R (up to `--replicates`) before the step
 fit are dropped and listed. Replicate r of a technique trains with seed + r: another draw of the k shots where
 the pool allows, another initialisation, other noise.
 
+The learning rate. Before the real runs, each technique trains `--lr-probe` short runs (default 3, at its
+default rate and 3x either side; `--lr-probe-steps`, default a quarter of the run steps) on the largest shot
+count; each is scored twice by validation KID on held-out pool images (never the reference), and the rate of the
+best score under the copy ceiling trains every real run of that technique (`lr_probe.json`, shown in the report).
+A short probe favours fast rates; the real runs' best-step validation stops one that overshoots later.
+
 The evidence. Each run is an ordinary `adapt` run folder, evaluated against the reference with its shots as the
 training set (`eval.json`), and the unadapted base is sampled once per replicate. Every run of one replicate is
 sampled from the same seeds and prompts positions and scored on the same reference half-samples, so differences
@@ -56,7 +62,8 @@ def parse_run_name(name: str) -> tuple[str, int, int]:
     return technique, int(shots.removesuffix("shot")), int(replicate.removeprefix("r"))
 
 
-def adapt_config(settings: CompareConfig, technique: str, shots: int, steps: int, out: Path, replicate: int = 0) -> AdaptConfig:
+def adapt_config(settings: CompareConfig, technique: str, shots: int, steps: int, out: Path, replicate: int = 0,
+                 learning_rate: float | None = None) -> AdaptConfig:
     """The adapt run `compare` makes of a technique: its registered compare preset on the shared settings.
     Replicate r trains with seed + r: another draw of the k shots where the pool allows, another initialisation
     and other noise."""
@@ -75,7 +82,81 @@ def adapt_config(settings: CompareConfig, technique: str, shots: int, steps: int
         **family_module(family).COMPARE,
         **techniques.compare_presets(family)[technique],
     }
+    if learning_rate is not None:
+        values["learning_rate"] = learning_rate
     return AdaptConfig(**values)
+
+
+LR_PROBE_FACTOR = 3.0
+
+
+def probe_rates(center: float, count: int) -> list[float]:
+    """`count` learning rates 3x apart around `center`, the default first to be kept when the count is even."""
+    exponents = sorted([0, -1, 1, -2, 2, -3, 3][:count])
+    return [center * LR_PROBE_FACTOR ** e for e in exponents]
+
+
+def lr_probe_names(settings: CompareConfig) -> list[str]:
+    if settings.lr_probe < 2:
+        return []
+    return [f"{t}-{max(settings.shots)}shot-lr{i}" for t in settings.techniques for i in range(settings.lr_probe)]
+
+
+def lr_probe_steps(settings: CompareConfig, steps: int) -> int:
+    return settings.lr_probe_steps or min(steps, max(settings.min_steps, steps // 4))
+
+
+def probe_one(settings_values: dict, name: str, steps: int) -> dict:
+    """One learning-rate probe run into OUT/lr_probe/NAME: `steps` steps at one rate, validated at half way and at the
+    end on held-out pool images (32 samples). Its score is the best validation KID under the copy ceiling."""
+    from genadapt.runs import use_cpu
+
+    use_cpu()
+    settings = CompareConfig.model_validate(settings_values)
+    technique, shots, index = name.rsplit("-", 2)
+    shots, index = int(shots.removesuffix("shot")), int(index.removeprefix("lr"))
+    run = Path(settings.out) / "lr_probe" / name
+    record_path = run / "probe.json"
+    if record_path.is_file():
+        return json.loads(record_path.read_text())
+    center = adapt_config(settings, technique, shots, steps, run).learning_rate
+    rate = probe_rates(center, settings.lr_probe)[index]
+    config = adapt_config(settings, technique, shots, steps, run, learning_rate=rate)
+    config = config.model_copy(update={"validate_every": max(1, steps // 2), "validation_samples": 32, "patience": 0,
+                                       "checkpointing_steps": steps, "num_validation_images": 1})
+    adapt(config)
+    summary = json.loads((run / "summary.json").read_text())
+    validation = summary.get("validation") or {}
+    record = {"technique": technique, "shots": shots, "learning_rate": rate, "default": center, "steps": steps,
+              "kid": validation.get("best_kid"), "best_step": validation.get("best_step"),
+              "train_minutes": round(summary["train_seconds"] / 60, 2)}
+    write_json(record_path, record)
+    return record
+
+
+def choose_rates(records: dict[str, dict], failed: dict[str, str], settings: CompareConfig, steps: int) -> dict:
+    """Per technique, the probe's rates and scores and the chosen one: the lowest validation KID under the copy
+    ceiling; the default rate when no probe run produced one."""
+    chosen = {}
+    for technique in settings.techniques:
+        rows = [records[n] for n in lr_probe_names(settings) if n.startswith(f"{technique}-") and n in records]
+        scored = [r for r in rows if r["kid"] is not None]
+        default = rows[0]["default"] if rows else None
+        best = min(scored, key=lambda r: r["kid"]) if scored else None
+        chosen[technique] = {
+            "rates": [r["learning_rate"] for r in rows], "kid": [r["kid"] for r in rows], "best_step": [r["best_step"] for r in rows],
+            "default": default, "chosen": best["learning_rate"] if best else default,
+            "failed": [failed[n] for n in lr_probe_names(settings) if n.startswith(f"{technique}-") and n in failed],
+        }
+    return {"steps": steps, "shots": max(settings.shots), "factor": LR_PROBE_FACTOR, "techniques": chosen}
+
+
+def chosen_rate(settings: CompareConfig, technique: str) -> float | None:
+    """The learning rate compare's probe chose for `technique` (None: no probe ran, the preset's rate)."""
+    path = Path(settings.out) / "lr_probe.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())["techniques"].get(technique, {}).get("chosen")
 
 
 def probe(settings: CompareConfig, scratch: Path) -> tuple[dict[str, float], float]:
@@ -108,12 +189,19 @@ def make_plan(settings: CompareConfig, per_step: dict[str, float], per_sample: f
     budget = settings.budget_minutes * 60
     cap = settings.max_steps or (1000 if settings.family == "gan" else 400)
 
+    probes = settings.lr_probe if settings.lr_probe > 1 else 0
+    # The learning-rate probe: `probes` runs a technique, a quarter of the steps each (or --lr-probe-steps), two checks of 32 samples.
+    probe_share = 0.0 if settings.lr_probe_steps else 0.25
+
     def cost(selected, steps, replicates):
         eval_seconds = (len(selected) + replicates) * settings.samples * per_sample
-        return sum(per_step[t] * steps + per_step[t + ":setup"] for t, _, _ in selected) + eval_seconds
+        probe_steps = settings.lr_probe_steps or steps * probe_share
+        probe_seconds = probes * sum(per_step[t] * probe_steps + per_step[t + ":setup"] + 64 * per_sample for t in settings.techniques)
+        return sum(per_step[t] * steps + per_step[t + ":setup"] for t, _, _ in selected) + eval_seconds + probe_seconds
 
     def fitting_steps(selected, replicates):
-        return int((budget - cost(selected, 0, replicates)) / max(1e-9, sum(per_step[t] for t, _, _ in selected)))
+        per_planned_step = sum(per_step[t] for t, _, _ in selected) + probes * probe_share * sum(per_step[t] for t in settings.techniques)
+        return int((budget - cost(selected, 0, replicates)) / max(1e-9, per_planned_step))
 
     dropped = []
     for replicates in range(settings.replicates, 0, -1):
@@ -234,7 +322,7 @@ def _compare(settings: CompareConfig) -> dict:
     results = {"settings": json.loads((out / "settings.json").read_text()), "plan": asdict(plan), "runs": {}}
     features = {"reference": _features_of(reference, out / "reference_features.safetensors")}
     started = time.time()
-    bar = tqdm(total=len(plan.runs) + plan.replicates, desc="compare", unit="run")
+    bar = tqdm(total=len(plan.runs) + plan.replicates + len(lr_probe_names(settings)), desc="compare", unit="run")
     for replicate in range(plan.replicates):
         seed = settings.seed + replicate
         folder = out / ("base" if replicate == 0 else f"base-r{replicate}")
@@ -253,6 +341,7 @@ def _compare(settings: CompareConfig) -> dict:
         features[f"base-r{replicate}"] = _features_of(samples, folder / "sample_features.safetensors")
         bar.update(1)
     results["runs"]["base"] = results["runs"][f"base-{max(settings.shots)}shot-r0"]
+    results["lr_probe"] = learning_rate_probe(settings, plan, out, bar)
     todo = [name for name in plan.runs if not (out / "runs" / name / "eval.json").is_file()]
     for name in plan.runs:
         if name not in todo:
@@ -279,6 +368,39 @@ def _compare(settings: CompareConfig) -> dict:
     return results
 
 
+def learning_rate_probe(settings: CompareConfig, plan: ComparePlan, out: Path, bar) -> dict | None:
+    """Run (or resume) the learning-rate probe and write lr_probe.json; None when --lr-probe is 1."""
+    from tqdm.auto import tqdm
+
+    names = lr_probe_names(settings)
+    path = out / "lr_probe.json"
+    if not names:
+        return None
+    if path.is_file():
+        bar.update(len(names))
+        return json.loads(path.read_text())
+    from genadapt.data import load_dataset
+
+    pool = len(load_dataset(settings.data.split("?", 1)[0], resolution=32))
+    if pool - max(settings.shots) < 4:
+        raise UserError(f"--lr-probe {settings.lr_probe}: the probe validates on --data images that are not the {max(settings.shots)} shots, "
+                        f"and {settings.data} holds {pool}; pass --lr-probe 1 (the default rates) or more images")
+    steps = lr_probe_steps(settings, plan.steps)
+    records, failed = {}, {}
+    for name, outcome in execute(settings, steps, names, worker=probe_one):
+        if isinstance(outcome, BaseException):
+            failed[name] = f"{type(outcome).__name__}: {str(outcome).strip().splitlines()[0] if str(outcome).strip() else ''}"
+            tqdm.write(f"{name}: probe failed ({failed[name]})")
+        else:
+            records[name] = outcome
+            kid = "no check under the copy ceiling" if outcome["kid"] is None else f"validation KID {outcome['kid']:.4f}"
+            tqdm.write(f"{name}: learning rate {outcome['learning_rate']:.2g}, {kid}")
+        bar.update(1)
+    probe = choose_rates(records, failed, settings, steps)
+    write_json(path, probe)
+    return probe
+
+
 def run_one(settings_values: dict, name: str, steps: int) -> dict:
     """Adapt, sample and evaluate one run of a compare into OUT/runs/NAME/eval.json (resumable: a finished run is
     read back, an interrupted one resumes from its checkpoint). A plain function of plain values, so a process
@@ -295,7 +417,8 @@ def run_one(settings_values: dict, name: str, steps: int) -> dict:
     if eval_path.is_file():
         return json.loads(eval_path.read_text())
     cpu_started = time.process_time()
-    adapt(adapt_config(settings, technique, shots, steps, run, replicate))
+    config = adapt_config(settings, technique, shots, steps, run, replicate, learning_rate=chosen_rate(settings, technique))
+    adapt(config)
     reference = load_dataset(settings.reference, resolution=32)
     train_shots = load_dataset(settings.data, resolution=32, shots=shots, seed=settings.seed + replicate)
     samples = run_samples(run, settings.samples, settings.seed + replicate, steps=settings.sample_steps)
@@ -303,7 +426,7 @@ def run_one(settings_values: dict, name: str, steps: int) -> dict:
     evaluation = evaluate(samples, reference, train_shots, out=run / "eval")
     summary = json.loads((run / "summary.json").read_text())
     record = {
-        "technique": technique, "shots": shots, "replicate": replicate, "steps": steps,
+        "technique": technique, "shots": shots, "replicate": replicate, "steps": steps, "learning_rate": config.learning_rate,
         "trainable_parameters": summary["trainable_parameters"], "artifact_bytes": summary["artifact_bytes"],
         "cpu_minutes": round((time.process_time() - cpu_started) / 60, 2), "train_minutes": round(summary["train_seconds"] / 60, 2),
         "best_step": (summary.get("validation") or {}).get("best_step"), "trained_steps": summary.get("trained_steps", steps),
@@ -313,17 +436,19 @@ def run_one(settings_values: dict, name: str, steps: int) -> dict:
     return record
 
 
-def execute(settings: CompareConfig, steps: int, names: list[str]):
-    """Yield (name, eval record or the exception it failed with) as runs finish, on the chosen executor."""
+def execute(settings: CompareConfig, steps: int, names: list[str], worker=None):
+    """Yield (name, what `worker` returned or the exception it failed with) as runs finish, on the chosen executor.
+    `worker(settings_values, name, steps)`: `run_one` (a real run) or `probe_one` (a learning-rate probe run)."""
+    worker = worker or run_one
     values = settings.model_dump(mode="json")
     if settings.executor == "ray":
         from genadapt.recipes.ray_executor import run_on_ray
 
-        yield from run_on_ray(settings, values, steps, names)
+        yield from run_on_ray(settings, values, steps, names, worker)
         return
     if settings.jobs <= 1:
         for name in names:
-            yield name, run_one(values, name, steps)  # in-process: errors are the user's to see at once
+            yield name, worker(values, name, steps)  # in-process: errors are the user's to see at once
         return
     import multiprocessing
     import os
@@ -332,7 +457,7 @@ def execute(settings: CompareConfig, steps: int, names: list[str]):
     # One thread per job: N jobs on N cores never stall each other at OpenMP barriers.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with ProcessPoolExecutor(max_workers=settings.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(run_one, values, name, steps): name for name in names}
+        futures = {pool.submit(worker, values, name, steps): name for name in names}
         for future in as_completed(futures):
             try:
                 yield futures[future], future.result()
@@ -405,15 +530,19 @@ def recommend(results: dict, plan: ComparePlan, settings: CompareConfig, feature
             "kid": table[pick]["kid"], "copy_rate": table[pick]["copy_rate"],
             "beats_base": table[pick]["vs_base"]["ci_high"] < 0,
             "detectable": max([c["detectable"] for c in comparisons.values()] or [table[pick]["vs_base"]["detectable"]]),
-            "settings": {k: v for k, v in _preset(settings, pick).items() if k != "train"},
+            "settings": _used_settings(settings, pick, runs[run_name(pick, shots, by_technique[pick][0])]),
         })
         advice.append(entry)
     return advice
 
 
-def _preset(settings: CompareConfig, technique: str) -> dict:
+def _used_settings(settings: CompareConfig, technique: str, run: dict) -> dict:
+    """The settings to repeat the recommended run: its compare preset, with the learning rate it trained at."""
     from genadapt import techniques
 
-    return techniques.compare_presets(settings.family)[technique]
+    used = {k: v for k, v in techniques.compare_presets(settings.family)[technique].items() if k != "train"}
+    if run.get("learning_rate") is not None:
+        used["learning_rate"] = run["learning_rate"]
+    return used
 
 

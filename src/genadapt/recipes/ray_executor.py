@@ -60,14 +60,12 @@ def check_shared_storage(settings) -> None:
         raise UserError(f"--executor ray: {missing[0]} is not visible from the Ray workers; put the base, data and --out on storage every node mounts")
 
 
-def run_on_ray(settings, values: dict, steps: int, names: list[str]):
-    """Yield (name, eval record or exception) as the Ray tasks finish."""
-    from genadapt.recipes.compare import run_one
-
+def run_on_ray(settings, values: dict, steps: int, names: list[str], worker):
+    """Yield (name, what `worker` returned, or its exception) as the Ray tasks finish."""
     connect(settings)
     check_shared_storage(settings)
     ray = _ray()
-    remote = ray.remote(run_one)
+    remote = ray.remote(worker)
     options = dict(num_cpus=settings.cpus_per_run, num_gpus=settings.gpus_per_run, max_retries=settings.retries, retry_exceptions=settings.retries > 0)
     pending = {remote.options(name=name, **options).remote(values, name, steps): name for name in names}
     while pending:
