@@ -166,7 +166,15 @@ def test_cdc_is_zero_for_the_source_and_positive_after_drift(base):
                 parameter.add_(torch.randn_like(parameter) * 0.5)
     assert loss() > 0
     logits = cdc.patch_logits(model, torch.zeros(2, 3, 32, 32))
-    assert logits.shape == (2, 1, 4, 4)  # convs.3.conv2: 1/8 of the side, as the 32x32 map at 256 px
+    assert logits.shape == (2, 1, 16, 16)  # convs.1.conv2: a 12 px patch of 32, as the official 66 px of 256
+
+
+def test_cdc_patch_critic_sees_the_papers_share_of_the_image():
+    from genadapt.techniques.cdc import patch_feature, patch_receptive_field
+
+    # The official --highp 1 critic at 256 px (convs.3.conv2 + its 3x3 head) sees 66 px.
+    assert patch_receptive_field(3) == 66 and patch_feature(256, 6) == "convs.3.conv2"
+    assert patch_feature(32, 3) == "convs.1.conv2" and patch_receptive_field(1) / 32 < 0.5
 
 
 @pytest.mark.parametrize("train, losses", [("full", ["cdc", "ewc"]), ("lora", []), ("embedding", ["cdc"])])

@@ -29,18 +29,39 @@ def cdc_distance_loss(feats_adapted: list[Tensor], feats_source: list[Tensor], l
     return relational_kl(similarities(feats_adapted), similarities(feats_source))
 
 
+OFFICIAL_PATCH_SHARE = 66 / 256  # the receptive field of the official patch critic at 256 px, as a share of the image
+
+
+def patch_receptive_field(block: int) -> int:
+    """Pixels seen by ``convs.{block}.conv2`` + the 3x3 head of rosinality's D: a 1x1 fromRGB, then per ResBlock a
+    3x3 conv, a 4-tap blur and a strided 3x3 conv (7 input steps of the current stride), then the head's 3x3."""
+    return 1 + 7 * (2 ** block - 1) + 2 * 2 ** block
+
+
+def patch_feature(resolution: int, blocks: int) -> str:
+    """The D feature whose patch is the nearest share of the image to the official code's at 256 px."""
+    best = min(range(1, blocks + 1), key=lambda b: abs(patch_receptive_field(b) / resolution - OFFICIAL_PATCH_SHARE))
+    return f"convs.{best}.conv2"
+
+
 class CDC:
     """CDC (Ojha et al. 2021), as the official code.
 
     * Distance consistency (eq. 3, :func:`cdc_distance_loss`) on a fresh batch of N = 4 z each G step, one
       random generator layer per anchor from feature indices 1 .. n_latent − 2 (``randint(1, n_latent − 1)``;
-      the 4x4 ``conv1`` output is never picked), same z and noise for the source and the adapted G; λ = 1000.
+      the 4x4 ``conv1`` output is never picked), the same z for the source and the adapted G; λ = 1000. (The
+      official code also draws fresh noise maps for each of the two; here both get the same ones, which
+      lowers the loss's noise floor and changes nothing it measures.)
     * Relaxed realism (eq. 4): on every ``anchor_period``-th step (``--subspace_freq 4``; the first step is
       one) z is drawn near one of ``#shots`` fixed anchors, z = z_a + N(0, 0.1²) (``--subspace_std``, no style
       mixing), and judged by the full-image D; on the other steps z is drawn as usual and judged by a
-      patch-level D: the third ResBlock's downsampling conv output (``convs.3.conv2``; 32x32 at 256 px, the
-      ``--highp 1`` choice) through a new head ``ConvLayer(C, 1, 3)`` (with its bias + leaky ReLU, as the
-      code's ``Extra``), a logit per patch. D's step and its R1 use the same critic as G's step.
+      patch-level D: a ResBlock's downsampling conv output through a new head ``ConvLayer(C, 1, 3)`` (with its
+      bias + leaky ReLU, as the code's ``Extra``), a logit per patch. D's step and its R1 use the same critic as
+      G's step. The patch size is what the paper fixes, not the layer: the official ``--highp 1`` choice at
+      256 px, ``convs.3.conv2`` + head, sees 66 px, 0.26 of the image; the same layer at 32 px would see 66 px of
+      a 32 px image (every "patch" the whole image, so the relaxation would be off). :func:`patch_feature`
+      picks the block whose receptive field is the nearest share of the image: ``convs.1.conv2`` at 32 and
+      64 px (12 px), ``convs.3.conv2`` at 256 px.
     The patch head trains with D and is saved in checkpoints, not in the artifact.
     """
 
@@ -48,7 +69,6 @@ class CDC:
     batch = 4  # --feat_const_batch
     anchor_period = 4  # --subspace_freq
     anchor_std = 0.1  # --subspace_std
-    patch_feature = "convs.3.conv2"
     seed_offset = 202
 
     def __init__(self, settings=None):
@@ -58,8 +78,9 @@ class CDC:
         from genadapt.families.stylegan2_nets import ConvLayer
 
         info = {name: channels for name, channels, _ in model.discriminator.feature_info(inner=True)}
-        if self.patch_feature not in info:
-            raise UserError(f"--loss cdc needs a discriminator with at least 3 ResBlocks (32 px or larger); this one is {model.resolution} px")
+        if model.resolution < 16 or "convs.1.conv2" not in info:
+            raise UserError(f"--loss cdc needs a discriminator of 16 px or larger with a ResBlock; this one is {model.resolution} px")
+        self.patch_feature = patch_feature(model.resolution, len(model.discriminator.convs) - 1)
         ensure_source(model, "generator")
         generator = torch.Generator().manual_seed(config.seed + self.seed_offset)
         self.anchors = torch.randn((len(images), model.style_dim), generator=generator)  # init_z, one per shot
