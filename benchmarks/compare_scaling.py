@@ -1,10 +1,11 @@
 """compare over Ray on 1 and 2 worker CPUs: the speed-up of spreading a compare grid (the 2-core machine bounds it at 2x).
 
-Runs the demo's pocket-sd compare (10 flag shots, fixed steps) through `--executor ray --cpus-per-run 1` against a
+Runs the demo's pocket-sd compare (10 flag shots, fixed steps, 2 replicates, the learning-rate probe's 15 short runs
+first) through `--executor ray --cpus-per-run 1` against a
 local Ray cluster started with `ray start --head --num-cpus N`, for N = 1 and 2, each into a fresh folder, and
 reports wall minutes and the speed-up. The decision must be the same on both (it is checked).
 
-    .venv/bin/python benchmarks/compare_scaling.py            # ~2 x 8 min on 2 cores
+    .venv/bin/python benchmarks/compare_scaling.py            # ~2 x 10 min on 2 cores
     .venv/bin/python benchmarks/compare_scaling.py --smoke    # tiny settings, a minute or two
 
 Writes benchmarks/results/compare_scaling.json (not with --smoke).
