@@ -1,6 +1,11 @@
 """Markdown tables of a finished `genadapt demo` (or compare) folder, for docs/benchmarks.md.
 
     .venv/bin/python benchmarks/demo_table.py runs/demo/full
+
+Per compare: every technique over its replicates (mean KID and the replicates' range, the paired difference to
+the base with its 95% CI, diversity, copy rate, each replicate's best validated step, the learning rate it
+trained at, CPU-minutes), the paired evidence behind the verdict with the smallest detectable difference, the
+learning-rate sweep, and the verdict sentence.
 """
 
 from __future__ import annotations
@@ -10,23 +15,55 @@ import sys
 from pathlib import Path
 
 from genadapt.eval.report import verdict
+from genadapt.recipes.compare import run_name
 
 
-def table(results: dict) -> str:
+def _markdown(line: str) -> str:
+    return line.replace("<b>", "**").replace("</b>", "**").replace("<i>", "_").replace("</i>", "_")
+
+
+def techniques_table(results: dict) -> str:
     lines = [
-        "| technique | shots | KID [95% CI] | FID [95% CI] | precision | recall | intra-cluster diversity | copy rate | trainable params | artifact | CPU-min |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| technique | shots | mean KID [replicates' range] | Δ KID vs base [95% CI] | diversity | copy rate | best step per replicate | learning rate | trainable params | CPU-min per run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for run in sorted(results["runs"].values(), key=lambda r: r["evaluation"]["kid"]["value"]):
-        e = run["evaluation"]
-        kid, fid = e["kid"], e["fid"]
-        lines.append(
-            f"| {run['technique']} | {run['shots']} | {kid['value']:.3f} [{kid['ci_low']:.3f}, {kid['ci_high']:.3f}] "
-            f"| {fid['value']:.1f} [{fid['ci_low']:.1f}, {fid['ci_high']:.1f}] | {e['precision_recall']['precision']:.2f} "
-            f"| {e['precision_recall']['recall']:.2f} | {e['intra_cluster_diversity']['value']:.3f} | {e['memorisation']['copy_rate']:.0%} "
-            f"| {run.get('trainable_parameters', 0):,} | {run.get('artifact_bytes', 0) / 1e6:.2f} MB | {run.get('cpu_minutes', 0)} |"
-        )
+    for advice in results["recommendation"]:
+        shots = advice["shots"]
+        for technique, row in sorted(advice["techniques"].items(), key=lambda item: item[1]["kid"]):
+            kids = row["kid_per_replicate"]
+            runs = [results["runs"][run_name(technique, shots, r)] for r in range(row["replicates"]) if run_name(technique, shots, r) in results["runs"]]
+            steps = ", ".join(str(run.get("best_step") or run.get("steps")) for run in runs)
+            rate = runs[0].get("learning_rate") if runs else None
+            vs = row["vs_base"]
+            mark = " **(recommended)**" if technique == advice.get("technique") else (" (disqualified)" if row["disqualified"] else "")
+            lines.append(
+                f"| {technique}{mark} | {shots} | {row['kid']:.3f} [{min(kids):.3f}, {max(kids):.3f}] | {vs['difference']:+.3f} [{vs['ci_low']:+.3f}, {vs['ci_high']:+.3f}] "
+                f"| {row['diversity']:.3f} | {row['copy_rate']:.0%} | {steps} | {'—' if rate is None else f'{rate:.2g}'} "
+                f"| {row['trainable_parameters']:,} | {row['cpu_minutes']:.2f} |"
+            )
+        lines.append(f"| base (unadapted) | {shots} | {advice['base_kid']:.3f} | | {advice['base_diversity']:.3f} | | | | 0 | |")
     return "\n".join(lines)
+
+
+def evidence_table(results: dict) -> str:
+    lines = ["| shots | difference | KID Δ [95% CI, paired, pooled over replicates] | smallest detectable (80% power) | outcome |", "|---|---|---|---|---|"]
+    for advice in results["recommendation"]:
+        for other, c in advice.get("comparisons", {}).items():
+            outcome = "tied" if other in advice["tied_with"] else "beaten"
+            lines.append(f"| {advice['shots']} | {advice['fidelity_winner']} − {other} | {c['difference']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] | {c['detectable']:.4f} | {outcome} |")
+    return "\n".join(lines)
+
+
+def probe_table(results: dict) -> str:
+    probe = results.get("lr_probe")
+    if not probe:
+        return "(no learning-rate probe)"
+    width = max(len(s["rates"]) for s in probe["techniques"].values())
+    lines = [f"| technique | {' | '.join(['rate: validation KID @ best step'] * width)} | trained at |", "|---" * (width + 2) + "|"]
+    for technique, sweep in probe["techniques"].items():
+        cells = [f"{rate:.2g}: {'—' if kid is None else f'{kid:.4f}'} @ {step}" for rate, kid, step in zip(sweep["rates"], sweep["kid"], sweep["best_step"])]
+        lines.append(f"| {technique} | {' | '.join(cells)} | {sweep['chosen']:.2g} (default {sweep['default']:.2g}) |")
+    return f"Probe: {probe['steps']} steps per rate on {probe['shots']} shots.\n\n" + "\n".join(lines)
 
 
 def main() -> None:
@@ -34,10 +71,14 @@ def main() -> None:
     for results_path in sorted(folder.glob("*/results.json")):
         results = json.loads(results_path.read_text())
         plan = results["plan"]
-        print(f"### {results['settings']['base']} ({plan['steps']} steps per run; dropped: {', '.join(plan['dropped']) or 'none'})\n")
-        print(table(results) + "\n")
+        cpu = sum(run.get("cpu_minutes", 0) for name, run in results["runs"].items() if not name.startswith("base"))
+        print(f"### {results['settings']['base']} ({plan['steps']} steps per run, {plan['replicates']} replicates; dropped: {', '.join(plan['dropped']) or 'none'})\n")
+        print(techniques_table(results) + "\n")
+        print(evidence_table(results) + "\n")
+        print(probe_table(results) + "\n")
+        print(f"CPU-minutes of the runs (probe excluded): {cpu:.1f}; wall minutes of this compare: {results.get('wall_minutes_this_session')}\n")
         for line in verdict(results):
-            print("- " + line.replace("<b>", "**").replace("</b>", "**").replace("<i>", "_").replace("</i>", "_"))
+            print("- " + _markdown(line))
         print()
 
 

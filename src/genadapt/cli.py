@@ -244,12 +244,14 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Where the runs and the reports go; rerun to resume."),
     target: str = typer.Option("flags", help="Held-out OpenMoji target domain: flags (far) or dark-skin (near)."),
     threads: Optional[int] = typer.Option(None, help="Intra-op CPU threads.  [default: 1 on 2-core machines, else the free cores]"),
+    jobs: Optional[int] = typer.Option(None, min=1, help="Runs at a time, each in its own process with one thread (compare --jobs).  [default: --quick 1; else the free cores]"),
 ) -> None:
     """The main job on built-in data: compare techniques on 10 shots of a held-out OpenMoji domain,
     with pocket-sd and pocket-stylegan2, and write one report."""
     from genadapt.api import compare as run_compare
     from genadapt.config import CompareConfig
     from genadapt.eval.report import verdict_text, write_demo_index
+    from genadapt.runs import free_cores
 
     if target not in ("flags", "dark-skin"):
         raise UserError(f"--target {target}: choose flags or dark-skin")
@@ -275,6 +277,8 @@ def demo(
             # Two replicates fit the full demo's time; the quick one pairs on sampling noise alone (docs/benchmarks.md).
             replicates=1 if quick else 2,
             validate_every=0 if quick else None,  # --quick: the last step (about a minute); the full demo finds each run's best step
+            lr_probe=1 if quick else 3,  # --quick: the default rates; the full demo probes 3 rates per technique first
+            jobs=jobs or (1 if quick else free_cores()),  # independent runs of one thread each: the full demo fills the free cores
             min_steps=10 if quick else 50,
             probe_steps=1 if quick else 2,
             **({"sample_steps": 15 if quick else 25} if base == "pocket-sd" else {}),
