@@ -258,11 +258,14 @@ def demo(
     _set_threads(threads)
     folder = out / ("quick" if quick else "full")
     # Fixed step counts, not a time budget: the demo gives the same numbers on every machine
-    # (about 6 minutes on 2 cores for the full demo, 1.5 for --quick).
+    # (the full demo: 42 minutes on 2 cores, docs/benchmarks.md; --quick: about 2).
     plans = {
         "pocket-sd": (["lora", "embedding"], 150) if quick else (["lora", "embedding", "freeze", "full", "ewc"], 400),
         "pocket-stylegan2": (["freeze", "cdc"], 200) if quick else (["full", "freeze", "lora", "embedding", "ewc", "cdc"], 500),
     }
+    # Independent runs of one thread each: the full demo fills the cores free when it starts (counted once, before
+    # its own runs make the machine look busy).
+    jobs = jobs or (1 if quick else free_cores())
     results = {}
     for base, (techniques, steps) in plans.items():
         settings = CompareConfig(
@@ -278,7 +281,7 @@ def demo(
             replicates=1 if quick else 2,
             validate_every=0 if quick else None,  # --quick: the last step (about a minute); the full demo finds each run's best step
             lr_probe=1 if quick else 3,  # --quick: the default rates; the full demo probes 3 rates per technique first
-            jobs=jobs or (1 if quick else free_cores()),  # independent runs of one thread each: the full demo fills the free cores
+            jobs=jobs,
             min_steps=10 if quick else 50,
             probe_steps=1 if quick else 2,
             **({"sample_steps": 15 if quick else 25} if base == "pocket-sd" else {}),

@@ -475,7 +475,7 @@ class CompareConfig(BaseModel):
     validate_every: int | None = setting(None, "Validate every run every N steps on held-out pool images and keep its best step (0: off).  [default: steps / 4]", ge=0)
     patience: int = setting(4, "Stop a run after this many validation checks without a better score (0: never early).", ge=0)
     lr_probe: int = setting(3, "Learning rates each technique tries, 3x apart around its default, in short runs on the largest shot count scored on held-out pool images; the best trains the real runs (1: the default rate, no probe).", ge=1, le=7)
-    lr_probe_steps: int | None = setting(None, "Steps of each learning-rate probe run.  [default: a quarter of the run steps, at least --min-steps, at most the run steps]", ge=1)
+    lr_probe_steps: int | None = setting(None, "Steps of each learning-rate probe run.  Rounded down to even: checked at half way and at the end.  [default: a quarter of the run steps, at least --min-steps, at most the run steps]", ge=1)
     executor: Literal["local", "ray"] = setting("local", "Where the runs go: local (this machine, --jobs at a time) or ray (tasks on a Ray cluster).")
     jobs: int = setting(1, "--executor local: runs at a time, each in its own process with one thread.", ge=1)
     address: str | None = setting(None, "--executor ray: the cluster (auto, or ray://HOST:10001).  [default: start a local one]")

@@ -152,20 +152,46 @@ def restore_states(state: dict, objects: dict) -> None:
         item.load_state_dict(state[name])
 
 
+def _busy_cores(seconds: float = 0.25) -> float | None:
+    """Cores busy right now, from two reads of /proc/stat `seconds` apart (Linux); None elsewhere."""
+    import time
+
+    def read() -> tuple[float, float]:
+        with open("/proc/stat", encoding="ascii") as handle:
+            fields = [float(v) for v in handle.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+        return sum(fields), idle
+
+    try:
+        total0, idle0 = read()
+        time.sleep(seconds)
+        total1, idle1 = read()
+    except (OSError, ValueError, IndexError):
+        return None
+    import os
+
+    if total1 <= total0:
+        return None
+    return (1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
+
+
 def free_cores() -> int:
-    """Cores not busy with other work right now: the cores this process may use, less the 1-minute load of the
-    rest of the machine (rounded), at least 1."""
+    """Cores not busy with other work right now: the cores this process may use, less the cores the rest of the
+    machine keeps busy (measured over a quarter second where /proc/stat exists; else the 1-minute load, which
+    lags: it still counts a job that just ended), at least 1."""
     import os
 
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = 0.0
-    return max(1, min(cores, round(cores - load + 0.5)))
+    busy = _busy_cores()
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except OSError:
+            busy = 0.0
+    return max(1, min(cores, round(cores - busy + 0.25)))
 
 
 def choose_threads(requested: int = 0) -> int:

@@ -103,7 +103,9 @@ def lr_probe_names(settings: CompareConfig) -> list[str]:
 
 
 def lr_probe_steps(settings: CompareConfig, steps: int) -> int:
-    return settings.lr_probe_steps or min(steps, max(settings.min_steps, steps // 4))
+    """Even, so the probe's two checks fall at half way and on its last step."""
+    chosen = settings.lr_probe_steps or min(steps, max(settings.min_steps, steps // 4))
+    return chosen if chosen < 2 else chosen - chosen % 2
 
 
 def probe_one(settings_values: dict, name: str, steps: int) -> dict:
