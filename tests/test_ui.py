@@ -123,6 +123,7 @@ def test_upload_compare_answer_and_sample_in_the_browser(browser, server, root, 
     field(page, "ga-samples").fill("4")
     field(page, "ga-replicates").fill("1")
     field(page, "ga-sample-steps").fill("1")
+    field(page, "ga-lr-probe").fill("1")  # the probe's own tests are in test_compare.py
     page.locator("#ga-start").click()
     page.wait_for_selector(".ga-run", timeout=60_000)
     command = page.inner_text("#ga-command")
@@ -315,6 +316,8 @@ def test_form_becomes_the_cli_command_and_cli_errors(tmp_path):
     plan = plan_job(root, form)
     assert plan["argv"] == ["compare", "--base", "pocket-sd", "--data", "uploads/set", "--out", "runs/x", "--shots", "1,2", "--techniques", "lora",
                             "--steps", "5", "--samples", "4", "--replicates", "1", "--seed", "0", "--sample-steps", "1"]
+    probe_argv = plan_job(root, {**form, "lr_probe": 1})["argv"]
+    assert probe_argv[probe_argv.index("--lr-probe") + 1] == "1"
     chosen = plan_job(root, {**form, "mode": MODES[0], "budget_minutes": 2})
     assert "--techniques" not in chosen["argv"] and "--steps" not in chosen["argv"] and chosen["argv"][chosen["argv"].index("--budget-minutes") + 1] == "2.0"
     with pytest.raises(UserError, match="--techniques bogus: not a compare technique for diffusion bases"):

@@ -344,6 +344,7 @@ def plan_job(root: Root, form: dict) -> dict:
         "steps": None if choose else _number(form.get("steps"), "--steps"),
         "samples": _number(form.get("samples"), "--samples"), "replicates": _number(form.get("replicates"), "--replicates"),
         "seed": seed, "caption": caption, "validate_every": _number(form.get("validate_every"), "--validate-every"),
+        "lr_probe": _number(form.get("lr_probe"), "--lr-probe"),
     }
     if values["steps"] is None:  # planned from a timing probe within the budget
         values["budget_minutes"] = _number(form.get("budget_minutes"), "--budget-minutes", integer=False)
@@ -603,6 +604,12 @@ def progress_html(job: "Job | None", root: Root, kind: str, out: Path) -> str:
     base_total = len(plan.get("shots", [])) * int(plan.get("replicates", 1))
     parts.append(f"<p class='ga-phase'>{len(plan['runs'])} run(s) of {plan['steps']} steps; unadapted base evaluated: {len(bases)}/{base_total}"
                  + (f"; dropped: {html.escape('; '.join(plan['dropped']))}" if plan.get("dropped") else "") + "</p>")
+    probes = sorted((out / "lr_probe").glob("*/")) if (out / "lr_probe").is_dir() else []
+    if probes:
+        done = sum(1 for p in probes if (p / "probe.json").is_file())
+        chosen = _read_json(out / "lr_probe.json")
+        rates = "; ".join(f"{html.escape(t)} {v['chosen']:.2g}" for t, v in (chosen or {}).get("techniques", {}).items() if v.get("chosen"))
+        parts.append(f"<p class='ga-phase'>learning-rate probe: {done}/{len(probes)} run(s) finished" + (f"; chosen: {rates}" if rates else "") + "</p>")
     for name in plan["runs"]:
         run = out / "runs" / name
         parts.append(_run_card(root, job, name, run, plan["steps"], (run / "eval.json").is_file()))
@@ -809,11 +816,11 @@ class App:
     # --- jobs
 
     def start(self, mode, base_choice, base_path, allow_pickle, data, reference, caption, techniques, shots, budget, steps,
-              samples, replicates, sample_steps, seed, train, out, validate_every=""):
+              samples, replicates, sample_steps, seed, train, out, validate_every="", lr_probe=None):
         form = {"mode": mode, "base_choice": base_choice, "base_path": base_path, "allow_pickle": allow_pickle, "data": data,
                 "reference": reference, "caption": caption, "techniques": techniques, "shots": shots, "budget_minutes": budget,
                 "steps": steps, "samples": samples, "replicates": replicates, "sample_steps": sample_steps, "seed": seed,
-                "train": train, "out": out, "validate_every": validate_every}
+                "train": train, "out": out, "validate_every": validate_every, "lr_probe": lr_probe}
         with self.lock:
             if self.job is not None and self.job.running:
                 raise UserError("a job is running; cancel it or wait for it to finish (one job at a time)")
@@ -931,7 +938,8 @@ def mode_changed(mode: str):
 
     compare, pick = mode != MODES[2], mode == MODES[1]
     return (gr.update(visible=pick), gr.update(visible=compare), gr.update(visible=compare), gr.update(visible=mode != MODES[0]),
-            gr.update(visible=not compare), gr.update(visible=compare), gr.update(visible=compare), gr.update(visible=compare))
+            gr.update(visible=not compare), gr.update(visible=compare), gr.update(visible=compare), gr.update(visible=compare),
+            gr.update(visible=compare))
 
 
 def build_blocks(app: App, theme=None):
@@ -985,7 +993,8 @@ def build_blocks(app: App, theme=None):
                     replicates = gr.Number(value=3, precision=0, label="--replicates", elem_id="ga-replicates")
                     sample_steps = gr.Number(value=25, precision=0, label="--sample-steps (diffusion)", elem_id="ga-sample-steps")
                     seed = gr.Number(value=0, precision=0, label="--seed", elem_id="ga-seed")
-                    validate_every = gr.Textbox(label="--validate-every (empty: compare's steps / 8, adapt off; 0: off)", elem_id="ga-validate-every")
+                    validate_every = gr.Textbox(label="--validate-every (empty: compare's steps / 4, adapt off; 0: off)", elem_id="ga-validate-every")
+                    lr_probe = gr.Number(value=3, precision=0, label="--lr-probe: learning rates each technique tries first (1: none)", elem_id="ga-lr-probe")
             with gr.Row():
                 start_button = gr.Button("Start", variant="primary", elem_id="ga-start")
                 cancel_button = gr.Button("Cancel (keeps what finished)", variant="stop", elem_id="ga-cancel")
@@ -1025,9 +1034,9 @@ def build_blocks(app: App, theme=None):
         check_button.click(g(1, 0)(app.check_base), [base_choice, base_path, allow_pickle], base_status, api_name="check_base")
         for trigger in (base_choice.change, base_path.blur):
             trigger(g(2, 0)(app.base_changed), [base_choice, base_path], [technique_choice, train], api_name=False)
-        mode.change(mode_changed, mode, [technique_choice, shots, budget, steps, train, reference_text, samples, replicates], api_name=False)
+        mode.change(mode_changed, mode, [technique_choice, shots, budget, steps, train, reference_text, samples, replicates, lr_probe], api_name=False)
         start_inputs = [mode, base_choice, base_path, allow_pickle, data_text, reference_text, caption, technique_choice, shots, budget, steps,
-                        samples, replicates, sample_steps, seed, train, out_text, validate_every]
+                        samples, replicates, sample_steps, seed, train, out_text, validate_every, lr_probe]
         start_button.click(g(3, 0)(app.start), start_inputs, [job_status, progress, answer], api_name="start")
         cancel_button.click(g(1, 0)(app.cancel), None, job_status, api_name="cancel")
         results_button.click(g(3, 0)(app.show_results), [mode, out_text], [job_status, progress, answer], api_name="show_results")
