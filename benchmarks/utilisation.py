@@ -94,6 +94,18 @@ class ReplicatedStep:
         self.batch = batch
         self.generator = torch.Generator().manual_seed(0)
         self.scale = model.vae.config.scaling_factor
+        self.unet = model.unet
+
+    def use(self, variant: str) -> None:
+        """A candidate speed-up, for --variants: channels_last weights, or the UNet through torch.compile."""
+        if variant == "channels_last":
+            self.model.unet.to(memory_format=torch.channels_last)
+        elif variant == "compile":
+            self.unet = torch.compile(self.model.unet)
+        elif variant == "fused_adamw":
+            self.optimizer = torch.optim.AdamW(self.parameters, lr=self.config.lr, weight_decay=self.technique.weight_decay, fused=True)
+        else:
+            raise SystemExit(f"--variants {variant}: choose channels_last, compile or fused_adamw")
 
     def forward_backward(self) -> torch.Tensor:
         from genadapt.recipes.train import denoise_term
@@ -103,7 +115,7 @@ class ReplicatedStep:
         latents = (self.mean[index] + self.std[index] * torch.randn(self.mean[index].shape, generator=g)) * self.scale
         noisy, noise, timesteps = diffusion.add_noise(model, latents, g)
         text = self.cached_text[index] if self.cached_text is not None else diffusion.encode_text(model, self.token_ids[index])
-        prediction = diffusion.predict(model, model.unet, noisy, timesteps, text)
+        prediction = diffusion.predict(model, self.unet, noisy, timesteps, text)
         loss = denoise_term(model, prediction, diffusion.target_for(model, latents, noise, timesteps), timesteps, None)
         loss.backward()
         return loss
@@ -167,6 +179,7 @@ def main() -> None:
     parser.add_argument("--matmul-size", type=int, default=2048)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--smoke", action="store_true", help="256x256 matmuls, batch 4, loop runs of 1 and 2 steps; prints only")
+    parser.add_argument("--variants", default="", help="comma-separated candidate speed-ups timed on the bare step beside the plain one: channels_last, compile, fused_adamw")
     args = parser.parse_args()
     if args.smoke:
         size, repeats, batch, short, long, bare_steps, rows = 256, 2, 4, 1, 2, 2, 8
@@ -192,12 +205,19 @@ def main() -> None:
             bare = step.time_steps(bare_steps)
             profiles.append(f"== {name}, batch {batch}, {args.threads} thread(s): one step (forward, backward, clip, AdamW, zero_grad)\n{step.profile(rows)}")
             del step
+            variants = {}
+            for variant in filter(None, args.variants.split(",")):
+                candidate = ReplicatedStep(name, batch, scratch / f"{name}-{variant}")
+                candidate.use(variant)
+                variants[variant] = candidate.time_steps(bare_steps, warmup=3 if variant == "compile" else 2)
+                print(f"{name} {variant}: bare {variants[variant] * 1000:.0f} ms/step (plain {bare * 1000:.0f})", file=sys.stderr, flush=True)
+                del candidate
             loop = loop_seconds_per_step(name, batch, short, long, args.threads, scratch)
             row = {
                 "technique": name, "batch_size": batch, "threads": args.threads,
                 "gflop_per_step": flops["flops"] / 1e9, "flops_by_op": flops["by_op"],
                 "bare_seconds_per_step": bare, "bare_gflops": flops["flops"] / bare / 1e9, "bare_fraction_of_peak": flops["flops"] / bare / 1e9 / peak,
-                "loop": loop, "loop_gflops": flops["flops"] / loop["seconds_per_step"] / 1e9 if loop["seconds_per_step"] > 0 else None,
+                "bare_seconds_per_step_variants": variants, "loop": loop, "loop_gflops": flops["flops"] / loop["seconds_per_step"] / 1e9 if loop["seconds_per_step"] > 0 else None,
             }
             row["loop_fraction_of_peak"] = row["loop_gflops"] / peak if row["loop_gflops"] else None
             rows_out.append(row)
