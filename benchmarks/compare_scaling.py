@@ -5,7 +5,7 @@ first) through `--executor ray --cpus-per-run 1` against a
 local Ray cluster started with `ray start --head --num-cpus N`, for N = 1 and 2, each into a fresh folder, and
 reports wall minutes and the speed-up. The decision must be the same on both (it is checked).
 
-    .venv/bin/python benchmarks/compare_scaling.py            # ~2 x 10 min on 2 cores
+    .venv/bin/python benchmarks/compare_scaling.py            # 20 + 11 min on 2 cores (docs/distributed.md)
     .venv/bin/python benchmarks/compare_scaling.py --smoke    # tiny settings, a minute or two
 
 Writes benchmarks/results/compare_scaling.json (not with --smoke).

@@ -1,7 +1,11 @@
 """The thread policy: one thread per heavy job on small machines, else the cores that are free right now."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from genadapt import runs
 
@@ -16,13 +20,11 @@ def test_the_requested_count_wins_then_the_environment_then_the_machine(monkeypa
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
     assert runs.choose_threads() == 4
     monkeypatch.delenv("OMP_NUM_THREADS")
-    monkeypatch.setattr(__import__("os"), "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert runs.choose_threads() == 1  # two threads beside any busy process stall every barrier
 
 
 def test_free_cores_subtract_what_is_busy_now(monkeypatch):
-    import os
-
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
     monkeypatch.setattr(runs, "_busy_cores", lambda seconds=0.25: 3.0)
     assert runs.free_cores() == 5
@@ -35,10 +37,12 @@ def test_free_cores_subtract_what_is_busy_now(monkeypatch):
 
 def test_a_busy_process_is_seen_at_once():
     """The 1-minute load average lags a program that just started; /proc/stat over a quarter second does not."""
+    if not Path("/proc/stat").is_file():
+        pytest.skip("no /proc/stat on this system: free cores come from the load average there")
     loop = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         busy = runs._busy_cores(0.5)
     finally:
         loop.kill()
         loop.wait()
-    assert busy is None or busy >= 0.7
+    assert busy >= 0.7

@@ -168,8 +168,6 @@ def _busy_cores(seconds: float = 0.25) -> float | None:
         total1, idle1 = read()
     except (OSError, ValueError, IndexError):
         return None
-    import os
-
     if total1 <= total0:
         return None
     return (1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
@@ -179,8 +177,6 @@ def free_cores() -> int:
     """Cores not busy with other work right now: the cores this process may use, less the cores the rest of the
     machine keeps busy (measured over a quarter second where /proc/stat exists; else the 1-minute load, which
     lags: it still counts a job that just ended), at least 1."""
-    import os
-
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -198,8 +194,6 @@ def choose_threads(requested: int = 0) -> int:
     """Intra-op threads for a heavy job: `requested` (`--threads N`), else GENADAPT_THREADS, else a user's
     OMP_NUM_THREADS, else one thread on machines of 2 cores or fewer (two threads beside any other busy process
     stalled every barrier, 5-17x slower steps; docs/techniques.md), else the free cores."""
-    import os
-
     requested = requested or int(os.environ.get("GENADAPT_THREADS", "0") or 0)
     if requested:
         return requested
@@ -212,8 +206,6 @@ def use_cpu(threads: int = 0) -> int:
     """torch's thread count (`choose_threads`), exported to child processes (OMP_NUM_THREADS, so torchrun and
     accelerate workers keep it), and flush-to-zero: tiny weights and gradients drift into denormal floats, which
     x86 handles ~100x slower (pocket-sd's VAE slowed ~30x late in training). Returns the thread count."""
-    import os
-
     import torch
 
     count = choose_threads(threads)

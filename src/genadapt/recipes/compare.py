@@ -88,6 +88,7 @@ def adapt_config(settings: CompareConfig, technique: str, shots: int, steps: int
 
 
 LR_PROBE_FACTOR = 3.0
+PROBE_CHECKS, PROBE_VALIDATION_SAMPLES = 2, 32  # a probe run is validated at half way and at its end
 
 
 def probe_rates(center: float, count: int) -> list[float]:
@@ -96,10 +97,12 @@ def probe_rates(center: float, count: int) -> list[float]:
     return [center * LR_PROBE_FACTOR ** e for e in exponents]
 
 
-def lr_probe_names(settings: CompareConfig) -> list[str]:
+def lr_probe_names(settings: CompareConfig, technique: str | None = None) -> list[str]:
+    """The probe's run names (of one technique, or of all); none with --lr-probe 1."""
     if settings.lr_probe < 2:
         return []
-    return [f"{t}-{max(settings.shots)}shot-lr{i}" for t in settings.techniques for i in range(settings.lr_probe)]
+    chosen = settings.techniques if technique is None else [technique]
+    return [f"{t}-{max(settings.shots)}shot-lr{i}" for t in chosen for i in range(settings.lr_probe)]
 
 
 def lr_probe_steps(settings: CompareConfig, steps: int) -> int:
@@ -121,10 +124,11 @@ def probe_one(settings_values: dict, name: str, steps: int) -> dict:
     record_path = run / "probe.json"
     if record_path.is_file():
         return json.loads(record_path.read_text())
-    center = adapt_config(settings, technique, shots, steps, run).learning_rate
+    config = adapt_config(settings, technique, shots, steps, run)
+    center = config.learning_rate
     rate = probe_rates(center, settings.lr_probe)[index]
-    config = adapt_config(settings, technique, shots, steps, run, learning_rate=rate)
-    config = config.model_copy(update={"validate_every": max(1, steps // 2), "validation_samples": 32, "patience": 0,
+    config = config.model_copy(update={"learning_rate": rate, "validate_every": max(1, steps // PROBE_CHECKS),
+                                       "validation_samples": PROBE_VALIDATION_SAMPLES, "patience": 0,
                                        "checkpointing_steps": steps, "num_validation_images": 1})
     adapt(config)
     summary = json.loads((run / "summary.json").read_text())
@@ -141,14 +145,15 @@ def choose_rates(records: dict[str, dict], failed: dict[str, str], settings: Com
     ceiling; the default rate when no probe run produced one."""
     chosen = {}
     for technique in settings.techniques:
-        rows = [records[n] for n in lr_probe_names(settings) if n.startswith(f"{technique}-") and n in records]
+        names = lr_probe_names(settings, technique)
+        rows = [records[n] for n in names if n in records]
         scored = [r for r in rows if r["kid"] is not None]
         default = rows[0]["default"] if rows else None
         best = min(scored, key=lambda r: r["kid"]) if scored else None
         chosen[technique] = {
             "rates": [r["learning_rate"] for r in rows], "kid": [r["kid"] for r in rows], "best_step": [r["best_step"] for r in rows],
             "default": default, "chosen": best["learning_rate"] if best else default,
-            "failed": [failed[n] for n in lr_probe_names(settings) if n.startswith(f"{technique}-") and n in failed],
+            "failed": [failed[n] for n in names if n in failed],
         }
     return {"steps": steps, "shots": max(settings.shots), "factor": LR_PROBE_FACTOR, "techniques": chosen}
 
@@ -192,13 +197,14 @@ def make_plan(settings: CompareConfig, per_step: dict[str, float], per_sample: f
     cap = settings.max_steps or (1000 if settings.family == "gan" else 400)
 
     probes = settings.lr_probe if settings.lr_probe > 1 else 0
-    # The learning-rate probe: `probes` runs a technique, a quarter of the steps each (or --lr-probe-steps), two checks of 32 samples.
+    # The learning-rate probe: `probes` runs a technique, a quarter of the steps each (or --lr-probe-steps), each validated.
     probe_share = 0.0 if settings.lr_probe_steps else 0.25
 
     def cost(selected, steps, replicates):
         eval_seconds = (len(selected) + replicates) * settings.samples * per_sample
         probe_steps = settings.lr_probe_steps or steps * probe_share
-        probe_seconds = probes * sum(per_step[t] * probe_steps + per_step[t + ":setup"] + 64 * per_sample for t in settings.techniques)
+        probe_seconds = probes * sum(per_step[t] * probe_steps + per_step[t + ":setup"] + PROBE_CHECKS * PROBE_VALIDATION_SAMPLES * per_sample
+                                    for t in settings.techniques)
         return sum(per_step[t] * steps + per_step[t + ":setup"] for t, _, _ in selected) + eval_seconds + probe_seconds
 
     def fitting_steps(selected, replicates):
@@ -351,7 +357,7 @@ def _compare(settings: CompareConfig) -> dict:
     failed = {}
     for name, outcome in execute(settings, plan.steps, todo):
         if isinstance(outcome, BaseException):
-            failed[name] = f"{type(outcome).__name__}: {str(outcome).strip().splitlines()[0] if str(outcome).strip() else ''}"
+            failed[name] = failure_text(outcome)
             tqdm.write(f"{name}: failed after retries ({failed[name]})")
         else:
             tqdm.write(f"{name}: KID {outcome['evaluation']['kid']['value']:.4f}, {outcome['cpu_minutes']} CPU-min")
@@ -391,7 +397,7 @@ def learning_rate_probe(settings: CompareConfig, plan: ComparePlan, out: Path, b
     records, failed = {}, {}
     for name, outcome in execute(settings, steps, names, worker=probe_one):
         if isinstance(outcome, BaseException):
-            failed[name] = f"{type(outcome).__name__}: {str(outcome).strip().splitlines()[0] if str(outcome).strip() else ''}"
+            failed[name] = failure_text(outcome)
             tqdm.write(f"{name}: probe failed ({failed[name]})")
         else:
             records[name] = outcome
@@ -465,6 +471,12 @@ def execute(settings: CompareConfig, steps: int, names: list[str], worker=None):
                 yield futures[future], future.result()
             except Exception as exc:  # noqa: BLE001 - reported as a failed run, never dropped
                 yield futures[future], exc
+
+
+def failure_text(exc: BaseException) -> str:
+    """A failed run's error in one line, for the report."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _mean(values: list[float]) -> float:
