@@ -109,10 +109,31 @@ def test_lora_composition_with_weights(base, tmp_path):
     assert (both - only_a).abs().max() > 1e-5 and (only_a - plain).abs().max() > 1e-5
 
 
+def test_placeholder_rows_read_the_rows_and_leave_the_table_frozen():
+    from genadapt.techniques.embedding import PlaceholderRows
+
+    table = torch.nn.Embedding(10, 4)
+    rows = PlaceholderRows(table, [8, 9])
+    with torch.no_grad():
+        rows.rows.add_(1.0)
+    ids = torch.tensor([[0, 8, 3, 9]])
+    expected = table.weight.detach().clone()
+    expected[[8, 9]] += 1.0
+    torch.testing.assert_close(rows(ids), expected[ids])
+    torch.testing.assert_close(rows.weight, expected)
+    rows(ids).sum().backward()
+    assert table.weight.grad is None and [name for name, p in rows.named_parameters() if p.requires_grad] == ["rows"]
+    assert torch.equal(rows.rows.grad, torch.ones(2, 4))
+
+
 def test_embedding_changes_only_new_rows_and_loads_in_diffusers(base, tmp_path):
     source = diffusion.load(base)
     rows_before = source.text_encoder.get_input_embeddings().weight.detach().clone()
     _run(base, tmp_path / "ti", train="embedding", token="<digit>", vectors=2, learning_rate=0.5)
+    # The optimiser and the checkpoint hold the 2 new rows, not the vocabulary's table.
+    state = torch.load(tmp_path / "ti" / "checkpoints" / "state.pt", weights_only=True)
+    assert [tuple(v.shape) for v in state["trainable"].values()] == [(2, rows_before.shape[1])]
+    assert [tuple(v["exp_avg"].shape) for v in state["optimizer"]["state"].values()] == [(2, rows_before.shape[1])]
     learned = load_file(tmp_path / "ti" / "learned_embeds.safetensors")["digit"]  # the trigger word A1111 users type: the file stem
     assert learned.shape == (2, rows_before.shape[1])
     assert load_file(tmp_path / "ti" / "digit.safetensors")["emb_params"].shape == (2, rows_before.shape[1])

@@ -2,8 +2,10 @@
 
 Diffusion: textual inversion (Gal et al. 2022, eq. 2): v* = argmin_v E ||ε − ε_θ(z_t, t, c_θ(y(v)))||². The
 generator and the text encoder stay frozen; only the new placeholder rows of the token embedding learn (for
-SDXL, in both text encoders, as diffusers' SDXL textual-inversion example). Other rows are held bitwise by
-zeroing their gradient (and no weight decay).
+SDXL, in both text encoders, as diffusers' SDXL textual-inversion example). The rows are a parameter of their own
+beside the frozen table (`PlaceholderRows`): diffusers' example trains the whole table and restores the old rows
+after each step, so its backward, optimiser and checkpoints carry the vocabulary (49,408 x 768 on SD 1.5); here
+they carry vectors x width numbers, and the old rows cannot move.
 
 GAN: MineGAN's latent miner (Wang et al. CVPR 2020): learn where to sample the frozen G's latent space.
 """
@@ -53,6 +55,36 @@ class EmbeddingSettings(BaseModel):
     vectors: int = setting(1, "Embedding vectors per token.", ge=1, le=75, aliases=("--num-vectors",))
 
 
+class PlaceholderRows(nn.Module):
+    """A token embedding whose placeholder rows are trained apart from the frozen table: ids in `token_ids` read
+    `rows` (fp32, what the optimiser holds), every other id reads the table."""
+
+    def __init__(self, table: nn.Embedding, token_ids: list[int]):
+        super().__init__()
+        self.table = table.requires_grad_(False)
+        self.rows = nn.Parameter(table.weight.detach()[token_ids].float().clone())
+        lookup = torch.full((table.num_embeddings,), -1, dtype=torch.long)
+        lookup[token_ids] = torch.arange(len(token_ids))
+        self.register_buffer("lookup", lookup.to(table.weight.device), persistent=False)
+
+    @property
+    def weight(self) -> Tensor:
+        """The table with the current rows written in: what a reader of `get_input_embeddings().weight` expects."""
+        weight = self.table.weight.detach().clone()
+        weight[self.lookup >= 0] = self.rows.detach().to(weight.dtype)
+        return weight
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.table.num_embeddings
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        out = self.table(input_ids)
+        slot = self.lookup[input_ids]
+        hit = (slot >= 0).unsqueeze(-1)
+        return torch.where(hit, self.rows[slot.clamp(min=0)].to(out.dtype), out)
+
+
 class TextualInversion:
     name = "embedding"
     weight_decay = 0.0
@@ -86,10 +118,7 @@ class TextualInversion:
             else:
                 start = weight[: min(token_ids)].mean(0)  # the centroid: no semantic prior
             weight[token_ids] = start
-        mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype)
-        mask[token_ids] = 1.0
-        weight.requires_grad_(True)
-        weight.register_hook(lambda grad: grad * mask.to(grad.device))
+        encoder.set_input_embeddings(PlaceholderRows(encoder.get_input_embeddings(), token_ids))
         return token_ids
 
     def caption(self, caption: str) -> str:
@@ -103,15 +132,11 @@ class TextualInversion:
         return re.sub(re.escape(self.token) + r"(?!_\d)", " ".join(self.tokens), caption, count=1)
 
     def parameters(self, model):
-        return [encoder.get_input_embeddings().weight for _, encoder in model.text_encoders]
-
-    def trained_parameters(self, model) -> int:
-        """Only the new rows learn, not the whole embedding tables the optimiser holds."""
-        return sum(len(ids) * weight.shape[1] for ids, weight in zip(self.token_ids, self.parameters(model)))
+        return [encoder.get_input_embeddings().rows for _, encoder in model.text_encoders]
 
     def learned(self, model) -> list[torch.Tensor]:
         """The new rows of each text encoder (one tensor for SD, two for SDXL)."""
-        return [weight[ids].detach().float().cpu() for ids, weight in zip(self.token_ids, self.parameters(model))]
+        return [rows.detach().float().cpu() for rows in self.parameters(model)]
 
     def save(self, model, out: Path) -> list[Path]:
         """The files under the trigger word users type (the file stem, see export/embeddings.py); the diffusers
