@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from genadapt.eval.report import verdict
+from genadapt.eval.report import verdict, worse_than_base
 from genadapt.recipes.compare import run_name
 
 
@@ -35,7 +35,8 @@ def techniques_table(results: dict) -> str:
             steps = ", ".join(str(run.get("best_step") or run.get("steps")) for run in runs)
             rate = runs[0].get("learning_rate") if runs else None
             vs = row["vs_base"]
-            mark = " **(recommended)**" if technique == advice.get("technique") else (" (disqualified)" if row["disqualified"] else "")
+            pick = " **(best, worse than the base)**" if worse_than_base(advice) else " **(recommended)**"
+            mark = pick if technique == advice.get("technique") else (" (disqualified)" if row["disqualified"] else "")
             lines.append(
                 f"| {technique}{mark} | {shots} | {row['kid']:.3f} [{min(kids):.3f}, {max(kids):.3f}] | {vs['difference']:+.3f} [{vs['ci_low']:+.3f}, {vs['ci_high']:+.3f}] "
                 f"| {row['diversity']:.3f} | {row['copy_rate']:.0%} | {steps} | {'—' if rate is None else f'{rate:.2g}'} "

@@ -173,3 +173,18 @@ def test_the_plan_pays_for_the_learning_rate_probe(tmp_path):
     # 3 probe runs of a quarter of the steps each, with their setup: 2 replicates no longer fit 15 s, one run of 62 steps does.
     assert plan.replicates == 1 and plan.steps == 62
     assert plan.estimated_minutes == pytest.approx((0.1 * 62 + 1.0 + 3 * (0.1 * 62 / 4 + 1.0)) / 60, abs=0.005)  # rounded to 0.01 min
+
+
+def test_a_recommendation_worse_than_the_base_says_to_keep_the_base():
+    from genadapt.eval.report import verdict_text
+
+    def advice(ci_low, ci_high):
+        vs_base = {"difference": (ci_low + ci_high) / 2, "ci_low": ci_low, "ci_high": ci_high}
+        row = {"kid": 0.5, "copy_rate": 0.0, "replicates": 3, "artifact_bytes": 2700, "disqualified": [], "vs_base": vs_base}
+        return {"settings": {"samples": 64}, "recommendation": [{
+            "shots": 10, "techniques": {"embedding": row}, "technique": "embedding", "fidelity_winner": "embedding", "tied_with": [],
+            "comparisons": {}, "base_kid": 0.17, "beats_base": ci_high < 0, "worse_than_base": ci_low > 0, "detectable": 0.3, "settings": {}}]}
+
+    worse = verdict_text(advice(0.04, 0.74))[0]
+    assert worse.startswith("With 10 shot(s) keep the unadapted base") and "use embedding" not in worse
+    assert verdict_text(advice(-0.2, 0.3))[0].startswith("With 10 shot(s) use embedding")  # a tie with the base still names the technique

@@ -127,6 +127,13 @@ def _delta(result: dict) -> str:
     return f"{result['difference']:+.4f} [{result['ci_low']:+.4f}, {result['ci_high']:+.4f}]"
 
 
+def worse_than_base(advice: dict) -> bool:
+    """The recommended technique's paired interval against the unadapted base lies above 0 (results written before
+    the field existed are read from the interval)."""
+    pick = advice.get("technique")
+    return pick is not None and advice.get("worse_than_base", advice["techniques"][pick]["vs_base"]["ci_low"] > 0)
+
+
 def verdict(results: dict) -> list[str]:
     """Per shot count, a sentence a user can act on: what to use, with what settings, beating what by how much,
     what ties it and why the recommendation among the tied, and what the run could not have detected."""
@@ -140,11 +147,20 @@ def verdict(results: dict) -> list[str]:
             lines.append(f"With {shots} shot(s): no technique qualifies: {', '.join(disqualified)}.")
             continue
         options = ", ".join(f"{k.replace('_', '-')} {f'{v:.3g}' if isinstance(v, float) else v}" for k, v in advice.get("settings", {}).items() if k != "loss")
+        vs_base = table[pick]["vs_base"]
+        if worse_than_base(advice):
+            text = (f"With {shots} shot(s) keep the <b>unadapted base</b>: the best qualified technique, {html.escape(pick)}"
+                    + (f" ({html.escape(options)})" if options else "")
+                    + f", is worse than it (KID {table[pick]['kid']:.4f} against the base's {advice['base_kid']:.4f}, Δ {_delta(vs_base)}); "
+                    "adapting to these shots moved every qualified technique away from the reference")
+            if disqualified:
+                text += f". Disqualified: {', '.join(disqualified)}"
+            lines.append(text + ".")
+            continue
         text = f"With {shots} shot(s) use <b>{html.escape(pick)}</b>" + (f" ({html.escape(options)})" if options else "")
         winner = advice["fidelity_winner"]
         beaten = [f"{html.escape(t)} by {-c['difference']:.4f} KID [{-c['ci_high']:.4f}, {-c['ci_low']:.4f}]"
                   for t, c in advice["comparisons"].items() if t not in advice["tied_with"]]
-        vs_base = table[pick]["vs_base"]
         if advice["beats_base"]:
             beaten.append(f"the unadapted base by {-vs_base['difference']:.4f} [{-vs_base['ci_high']:.4f}, {-vs_base['ci_low']:.4f}]")
         text += f": KID {table[pick]['kid']:.4f} (base {advice['base_kid']:.4f}), copies {table[pick]['copy_rate']:.0%}"
@@ -210,7 +226,7 @@ def write_compare_report(results: dict, out: Path) -> Path:
         for technique, row in sorted(advice["techniques"].items(), key=lambda item: item[1]["kid"]):
             kids = row["kid_per_replicate"]
             spread = f"<small>[{min(kids):.4f} – {max(kids):.4f}]</small>" if len(kids) > 1 else ""
-            status = "disqualified: " + html.escape("; ".join(row["disqualified"])) if row["disqualified"] else ("<b>recommended</b>" if technique == advice.get("technique") else "")
+            status = "disqualified: " + html.escape("; ".join(row["disqualified"])) if row["disqualified"] else (("<b>best, worse than the base</b>" if worse_than_base(advice) else "<b>recommended</b>") if technique == advice.get("technique") else "")
             rows.append(
                 f"<tr><td>{html.escape(technique)}</td><td>{advice['shots']}</td><td>{row['kid']:.4f} {spread}</td><td>{row['replicates']}</td>"
                 f"<td>{_delta(row['vs_base'])}</td><td>{row['diversity']:.3f}</td><td>{row['copy_rate']:.0%}</td>"

@@ -543,6 +543,7 @@ def recommend(results: dict, plan: ComparePlan, settings: CompareConfig, feature
             "fidelity_winner": winner, "technique": pick, "tied_with": tied, "comparisons": comparisons,
             "kid": table[pick]["kid"], "copy_rate": table[pick]["copy_rate"],
             "beats_base": table[pick]["vs_base"]["ci_high"] < 0,
+            "worse_than_base": table[pick]["vs_base"]["ci_low"] > 0,  # then the advice is to keep the base
             "detectable": max([c["detectable"] for c in comparisons.values()] or [table[pick]["vs_base"]["detectable"]]),
             "settings": _used_settings(settings, pick, runs[run_name(pick, shots, by_technique[pick][0])]),
         })
