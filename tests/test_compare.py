@@ -188,3 +188,30 @@ def test_a_recommendation_worse_than_the_base_says_to_keep_the_base():
     worse = verdict_text(advice(0.04, 0.74))[0]
     assert worse.startswith("With 10 shot(s) keep the unadapted base") and "use embedding" not in worse
     assert verdict_text(advice(-0.2, 0.3))[0].startswith("With 10 shot(s) use embedding")  # a tie with the base still names the technique
+
+
+def test_the_tie_break_keeps_a_technique_that_beats_the_base_over_a_cheaper_one_that_does_not(tmp_path):
+    import torch
+
+    from genadapt.recipes.compare import recommend
+
+    torch.manual_seed(0)
+    n, dim = 48, 16
+    reference = torch.randn(200, dim)
+    near, far = (lambda: torch.randn(n, dim)), (lambda: torch.randn(n, dim) + 2.0)
+    # lora is near the reference in both replicates; embedding in one only, so its interval against the base is wide.
+    features = {"reference": reference, "base-r0": far(), "base-r1": far(), "lora-10shot-r0": near(), "lora-10shot-r1": near(),
+                "embedding-10shot-r0": near(), "embedding-10shot-r1": far()}
+    evaluation = {"memorisation": {"copy_rate": 0.0}, "intra_cluster_diversity": {"value": 1.0}}
+    runs = {name: {"evaluation": evaluation, "trainable_parameters": 1, "cpu_minutes": 1.0, "learning_rate": 1e-4,
+                   "artifact_bytes": 600_000 if name.startswith("lora") else 2_700}
+            for name in features if "shot" in name}
+    runs |= {f"base-10shot-r{r}": {"evaluation": evaluation} for r in range(2)}
+    names = [n for n in features if "shot" in n]
+    plan = ComparePlan(["lora", "embedding"], [10], 1, {}, 0.0, runs=names, replicates=2)
+    settings = CompareSettings(base="pocket-sd", data="builtin:openmoji/flags", out=tmp_path, shots=[10], techniques=["lora", "embedding"],
+                             steps=1, samples=n, replicates=2, lr_probe=1)
+    advice = recommend({"runs": runs}, plan, settings, features)[0]
+    assert advice["techniques"]["embedding"]["vs_base"]["ci_high"] >= 0 > advice["techniques"]["lora"]["vs_base"]["ci_high"]
+    assert "embedding" in advice["tied_with"] or advice["fidelity_winner"] == "embedding"
+    assert advice["technique"] == "lora" and advice["beats_base"]

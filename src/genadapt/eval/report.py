@@ -175,7 +175,12 @@ def verdict(results: dict) -> list[str]:
 
             tied_text = ", ".join(f"{html.escape(t)}{' (lowest KID)' if t == winner else ''} (Δ {tie(t)})" for t in ties)
             sizes = ", ".join(f"{html.escape(t)} {_size(int(table[t]['artifact_bytes']))}" for t in ties)
-            text += f"; tied with {tied_text}; {html.escape(pick)} is the cheapest of the tied ({_size(int(table[pick]['artifact_bytes']))} vs {sizes})"
+            excluded = [t for t in ties if table[t]["vs_base"]["ci_high"] >= 0]
+            if advice["beats_base"] and excluded:
+                text += (f"; tied with {tied_text}; {html.escape(pick)} is the cheapest of the tied that clearly beat the base "
+                         f"({', '.join(html.escape(t) for t in excluded)} {'does' if len(excluded) == 1 else 'do'} not)")
+            else:
+                text += f"; tied with {tied_text}; {html.escape(pick)} is the cheapest of the tied ({_size(int(table[pick]['artifact_bytes']))} vs {sizes})"
         text += (f". Differences under {advice['detectable']:.4f} KID could not be detected with {settings.get('samples', '?')} samples"
                  f" x {table[pick]['replicates']} replicate(s)")
         if disqualified:
