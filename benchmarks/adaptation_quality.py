@@ -340,7 +340,7 @@ def unseen_content(runs: list[Path], settings: dict) -> tuple[dict, dict]:
                 "own_in_top5": float(np.mean([chosen[i] in order[i, :5].tolist() for i in range(len(chosen))]))}
 
     base_model = load_base(settings["base"])
-    sides = {side: {"style": [], "style_kid": [], "group": [], "own_in_top5": []} for side in ("base", "embedding")}
+    sides = {side: {"style": [], "group": [], "own_in_top5": []} for side in ("base", "embedding")}
     grids = {}
     for index, run in enumerate(runs):
         seed = settings["seed"] + index
@@ -350,13 +350,13 @@ def unseen_content(runs: list[Path], settings: dict) -> tuple[dict, dict]:
             images = sample(model, UNSEEN_PROMPTS, seed, prompts, steps=settings.get("sample_steps"), progress=True)
             scores = scorer.scores(cached_features(style, images, progress=False).float()[:, style_only])
             sides[side]["style"].append(scores)
-            sides[side]["style_kid"].append(scores[0])
             for key, value in content(images).items():
                 sides[side][key].append(value)
             grids.setdefault(side, images)
     out = {"prompts": captions, "prefix_example": prefix, "runs": [str(run) for run in runs]}
     for side, values in sides.items():
-        out[side] = {key: float(np.mean(values[key])) for key in ("style_kid", "group", "own_in_top5")}
+        out[side] = {"style_kid": float(np.mean([full for full, _ in values["style"]])),
+                     **{key: float(np.mean(values[key])) for key in ("group", "own_in_top5")}}
     out["style_vs_base"] = pooled_difference(sides["embedding"]["style"], sides["base"]["style"])
     return out, grids
 
@@ -401,13 +401,15 @@ def unseen_markdown(table: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("phase", choices=["run", "extra", "score", "tables"])
-    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--jobs", type=int, default=None, help="run, extra: runs at a time  [default: 2]")
     args = parser.parse_args()
+    if args.jobs is not None and args.phase not in ("run", "extra"):
+        parser.error(f"--jobs applies to run and extra, not {args.phase}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.phase == "run":
-        run(args.jobs)
+        run(args.jobs or 2)
     elif args.phase == "extra":
-        extra(args.jobs)
+        extra(args.jobs or 2)
     elif args.phase == "tables":  # the markdown again from adaptation_quality.json, without rescoring
         for table in json.loads((ROOT / "benchmarks" / "results" / "adaptation_quality.json").read_text())["tables"].values():
             print(markdown(table) + (long_markdown(table["long"]) if "long" in table else "") + (unseen_markdown(table) if "unseen_content" in table else ""))

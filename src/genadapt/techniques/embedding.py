@@ -74,10 +74,6 @@ class PlaceholderRows(nn.Module):
         weight[self.lookup >= 0] = self.rows.detach().to(weight.dtype)
         return weight
 
-    @property
-    def num_embeddings(self) -> int:
-        return self.table.num_embeddings
-
     def forward(self, input_ids: Tensor) -> Tensor:
         out = self.table(input_ids)
         slot = self.lookup[input_ids]
