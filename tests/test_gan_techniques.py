@@ -170,11 +170,27 @@ def test_cdc_is_zero_for_the_source_and_positive_after_drift(base):
 
 
 def test_cdc_patch_critic_sees_the_papers_share_of_the_image():
-    from genadapt.techniques.cdc import patch_feature, patch_receptive_field
+    from genadapt.techniques.cdc import patch_block, patch_receptive_field
 
     # The official --highp 1 critic at 256 px (convs.3.conv2 + its 3x3 head) sees 66 px.
-    assert patch_receptive_field(3) == 66 and patch_feature(256, 6) == "convs.3.conv2"
-    assert patch_feature(32, 3) == "convs.1.conv2" and patch_receptive_field(1) / 32 < 0.5
+    assert patch_receptive_field(3) == 66 and patch_block(256, 6) == 3
+    assert patch_block(32, 3) == 1 and patch_receptive_field(1) / 32 < 0.5
+
+
+def test_cdc_patch_block_chooses_the_critics_layer_and_is_recorded(base, tmp_path):
+    from genadapt.techniques.cdc import CDCSettings
+
+    model = gan.load(base)
+    GANFullFineTuning().prepare(model)
+    cdc = CDC(CDCSettings(cdc_patch_block=3))
+    cdc.prepare(model, images=[None] * 5, config=SimpleNamespace(seed=0))
+    assert cdc.patch_logits(model, torch.zeros(2, 3, 32, 32)).shape == (2, 1, 4, 4)  # convs.3.conv2: 4x4 at 32 px
+    with pytest.raises(UserError, match="--cdc-patch-block 4: this 32 px discriminator has ResBlocks 1 to 3"):
+        CDC(CDCSettings(cdc_patch_block=4)).prepare(gan.load(base), images=[None] * 5, config=SimpleNamespace(seed=0))
+    _run(base, tmp_path / "default", train="full", loss=["cdc"], steps=1)
+    _run(base, tmp_path / "block2", train="full", loss=["cdc"], cdc_patch_block=2, steps=1)
+    assert yaml.safe_load((tmp_path / "default" / "config.yaml").read_text())["cdc_patch_block"] == 1
+    assert yaml.safe_load((tmp_path / "block2" / "config.yaml").read_text())["cdc_patch_block"] == 2
 
 
 @pytest.mark.parametrize("train, losses", [("full", ["cdc", "ewc"]), ("lora", []), ("embedding", ["cdc"])])

@@ -168,10 +168,12 @@ def adapt_gan(config: AdaptConfig, accelerator=None) -> dict:
 
     gamma = r1_gamma(config, model)
     resolved = {**config.resolved(), **getattr(technique, "resolved", {}), "r1_gamma": gamma}
+    for _, loss_technique in losses:
+        resolved.update(getattr(loss_technique, "resolved", {}))
     check_resumable(out, STATE_FILE, resolved, ignored={"steps"})
     check_same_data(out, STATE_FILE, images)
     if main:
-        # config.yaml with the values the technique resolved from the base (FreezeD's blocks, γ)
+        # config.yaml with the values the techniques resolved from the base (FreezeD's blocks, CDC's patch block, γ)
         write_run_record(out, config, "gan", resolved, device=str(device), processes=accelerator.num_processes)
         write_manifest(out, config.seed, {"train": images}, {"base": config.base, "resolution": model.resolution, "data_sha256": data_digest(images)})
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
+from genadapt.config import setting
 from genadapt.errors import UserError
 from genadapt.families import ensure_source
 from genadapt.families.gan import Adversarial
-from genadapt.techniques import Implementation, NoSettings, Step, Technique, register
+from genadapt.techniques import Implementation, Step, Technique, register
 from genadapt.techniques.relational import relational_kl
 
 
@@ -38,10 +40,17 @@ def patch_receptive_field(block: int) -> int:
     return 1 + 7 * (2 ** block - 1) + 2 * 2 ** block
 
 
-def patch_feature(resolution: int, blocks: int) -> str:
-    """The D feature whose patch is the nearest share of the image to the official code's at 256 px."""
-    best = min(range(1, blocks + 1), key=lambda b: abs(patch_receptive_field(b) / resolution - OFFICIAL_PATCH_SHARE))
-    return f"convs.{best}.conv2"
+def patch_block(resolution: int, blocks: int) -> int:
+    """The D block whose patch is the nearest share of the image to the official code's at 256 px."""
+    return min(range(1, blocks + 1), key=lambda b: abs(patch_receptive_field(b) / resolution - OFFICIAL_PATCH_SHARE))
+
+
+class CDCSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    cdc_patch_block: int | None = setting(
+        None, "--loss cdc: the discriminator ResBlock whose output the patch critic judges (1: the first; at 32 px block 1 sees "
+        "12 px patches, block 3 the whole image).  [default: the block whose patch is the nearest share of the image to the "
+        "official code's at 256 px: 1 at 32 and 64 px, 3 at 256 px]", ge=1)
 
 
 class CDC:
@@ -59,9 +68,9 @@ class CDC:
       bias + leaky ReLU, as the code's ``Extra``), a logit per patch. D's step and its R1 use the same critic as
       G's step. The patch size is what the paper fixes, not the layer: the official ``--highp 1`` choice at
       256 px, ``convs.3.conv2`` + head, sees 66 px, 0.26 of the image; the same layer at 32 px would see 66 px of
-      a 32 px image (every "patch" the whole image, so the relaxation would be off). :func:`patch_feature`
+      a 32 px image (every "patch" the whole image, so the relaxation would be off). :func:`patch_block`
       picks the block whose receptive field is the nearest share of the image: ``convs.1.conv2`` at 32 and
-      64 px (12 px), ``convs.3.conv2`` at 256 px.
+      64 px (12 px), ``convs.3.conv2`` at 256 px; ``--cdc-patch-block`` chooses another.
     The patch head trains with D and is saved in checkpoints, not in the artifact.
     """
 
@@ -71,8 +80,8 @@ class CDC:
     anchor_std = 0.1  # --subspace_std
     seed_offset = 202
 
-    def __init__(self, settings=None):
-        pass
+    def __init__(self, settings: CDCSettings | None = None):
+        self.settings = settings or CDCSettings()
 
     def prepare(self, model, images, config) -> None:
         from genadapt.families.stylegan2_nets import ConvLayer
@@ -80,7 +89,12 @@ class CDC:
         info = {name: channels for name, channels, _ in model.discriminator.feature_info(inner=True)}
         if model.resolution < 16 or "convs.1.conv2" not in info:
             raise UserError(f"--loss cdc needs a discriminator of 16 px or larger with a ResBlock; this one is {model.resolution} px")
-        self.patch_feature = patch_feature(model.resolution, len(model.discriminator.convs) - 1)
+        blocks = len(model.discriminator.convs) - 1
+        block = self.settings.cdc_patch_block or patch_block(model.resolution, blocks)
+        if block > blocks:
+            raise UserError(f"--cdc-patch-block {block}: this {model.resolution} px discriminator has ResBlocks 1 to {blocks}; choose one of them")
+        self.patch_feature = f"convs.{block}.conv2"
+        self.resolved = {"cdc_patch_block": block}  # config.yaml records the block the default chose
         ensure_source(model, "generator")
         generator = torch.Generator().manual_seed(config.seed + self.seed_offset)
         self.anchors = torch.randn((len(images), model.style_dim), generator=generator)  # init_z, one per shot
@@ -117,6 +131,6 @@ register(Technique(
     name="cdc",
     kind="loss",
     summary="CDC: cross-domain distance consistency plus anchor/patch realism",
-    families={"gan": Implementation(build=CDC, settings=NoSettings, default_weight=1000.0,  # --kl_wt
+    families={"gan": Implementation(build=CDC, settings=CDCSettings, default_weight=1000.0,  # --kl_wt
                                     compare={"train": "full", "loss": ["cdc"]})},
 ))
