@@ -1,6 +1,7 @@
 """Maintainers' step: copy a finished pretraining run into the package, measure it, write its card.
 
     python scripts/ship_zoo.py NAME RUN_DIR --train-minutes M
+    python scripts/ship_zoo.py NAME RUN_DIR --measure-only [--reference SPEC]   # measure a run or the shipped model, copy nothing
 
 Copies the run's shipped folder to src/genadapt/zoo/weights/NAME (pocket-sd's UNet and VAE as
 fp16, which diffusers loads back as fp32), measures the generators' quality in the eval encoder's
@@ -66,8 +67,12 @@ def parameter_count(folder: Path) -> int:
     return sum(t.numel() for path in folder.rglob("*.safetensors") for t in load_file(path).values())
 
 
-def reference_for(config: dict) -> tuple[str, str]:
-    """(data spec, role): the held-out source images when pretraining left some out, else the training split."""
+def reference_for(config: dict, given: str | None = None) -> tuple[str, str]:
+    """(data spec, role): `given`, else the held-out source images when pretraining left some out, else the training split."""
+    if given:
+        trained_on = config.get("data", "")
+        seen = given == trained_on or (trained_on == "builtin:openmoji/source" and given.startswith(trained_on + "/"))
+        return given, "seen in pretraining" if seen else "held out: never seen in pretraining"
     if config.get("data") == "builtin:openmoji/source/train":
         return "builtin:openmoji/source/reference", "held out: never seen in pretraining"
     return "builtin:openmoji/source", "the model's own training split"
@@ -87,11 +92,11 @@ def generate(name: str, folder: Path, n: int, prompts: list[str], seed: int = 0)
     return sample(g_ema, n, seed), None
 
 
-def quality(name: str, folder: Path, n: int, config: dict) -> tuple[dict, torch.Tensor, list | None]:
+def quality(name: str, folder: Path, n: int, config: dict, given: str | None = None) -> tuple[dict, torch.Tensor, list | None]:
     """KID/FID/precision/recall in the eval encoder's space. pocket-sd is prompted with the reference
     images' own captions (in a seeded order), so that content is matched and only quality differs."""
     extractor = get_extractor("pocket")
-    spec, role = reference_for(config)
+    spec, role = reference_for(config, given)
     reference = load_dataset(spec)
     order = torch.randperm(len(reference), generator=torch.Generator().manual_seed(0))
     images, prompts = generate(name, folder, n, [reference.captions[i] for i in order])
@@ -122,10 +127,23 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("name", choices=list(zoo.MODELS))
     parser.add_argument("run", type=Path)
-    parser.add_argument("--train-minutes", type=float, required=True, help="wall time of the pretraining run")
+    parser.add_argument("--train-minutes", type=float, help="wall time of the pretraining run (required to ship)")
     parser.add_argument("--samples", type=int, default=500)
+    parser.add_argument("--measure-only", action="store_true", help="measure RUN_DIR's model (or a shipped folder with card.json) and print; copy nothing")
+    parser.add_argument("--reference", help="with --measure-only: the images to measure against (a builtin spec)  [default: as the card's]")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.reference and not args.measure_only:
+        parser.error("--reference is for --measure-only; a card is measured against the split its config implies")
+    if args.measure_only:
+        shipped = (args.run / "card.json").is_file()
+        folder = args.run if shipped else args.run / zoo.MODELS[args.name][2]
+        config = json.loads((args.run / "card.json").read_text())["config"] if shipped else yaml.safe_load((args.run / "config.yaml").read_text())
+        result, _, _ = quality(args.name, folder, args.samples, config, args.reference)
+        print(json.dumps(result, indent=2, default=str))
+        return
+    if args.train_minutes is None:
+        parser.error("--train-minutes is required to ship (the card records the pretraining's wall time)")
 
     folder = copy_model(args.name, args.run)
     config = yaml.safe_load((args.run / "config.yaml").read_text())
