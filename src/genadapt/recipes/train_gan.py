@@ -167,9 +167,9 @@ def adapt_gan(config: AdaptConfig, accelerator=None) -> dict:
     model.to(device)
 
     gamma = r1_gamma(config, model)
-    resolved = {**config.resolved(), **getattr(technique, "resolved", {}), "r1_gamma": gamma}
-    for _, loss_technique in losses:
-        resolved.update(getattr(loss_technique, "resolved", {}))
+    resolved = {**config.resolved(), "r1_gamma": gamma}
+    for used in [technique, *(t for _, t in losses)]:
+        resolved.update(getattr(used, "resolved", {}))
     check_resumable(out, STATE_FILE, resolved, ignored={"steps"})
     check_same_data(out, STATE_FILE, images)
     if main:
