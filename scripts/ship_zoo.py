@@ -135,6 +135,8 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.reference and not args.measure_only:
         parser.error("--reference is for --measure-only; a card is measured against the split its config implies")
+    if args.measure_only and args.train_minutes is not None:
+        parser.error("--train-minutes is for shipping; --measure-only writes no card")
     if args.measure_only:
         shipped = (args.run / "card.json").is_file()
         folder = args.run if shipped else args.run / zoo.MODELS[args.name][2]
