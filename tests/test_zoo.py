@@ -40,6 +40,27 @@ def test_pocket_sd_tiny_pretrain_gives_a_diffusers_pipeline_with_deterministic_s
     assert manifest["data"]["train"]["count"] > 1000 and manifest["seed"] == 0
 
 
+def test_the_tokenizer_trained_twice_on_the_same_captions_is_the_same_file(tmp_path):
+    """Same captions, same vocab.json and merges.txt byte for byte (the BPE trainer's ids for single symbols follow
+    a hash set's order; ours are CLIP's order), and CLIPTokenizer reads it with every byte in and at the end of a word."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    from genadapt.data import load_dataset
+    from genadapt.zoo.tokenizer import train_clip_bpe
+
+    captions = load_dataset("builtin:digits", resolution=32).captions + ["a picture of a flag", "emoji"]
+    first, second = (train_clip_bpe(captions, tmp_path / name, vocab_size=300) for name in ("first", "second"))
+    for file in ("vocab.json", "merges.txt"):
+        assert (first / file).read_bytes() == (second / file).read_bytes(), file
+    vocab = json.loads((first / "vocab.json").read_text())
+    assert sorted(vocab.values()) == list(range(len(vocab))) and vocab["<|startoftext|>"] == 0 and vocab["<|endoftext|>"] == 1
+    assert all(symbol in vocab and symbol + "</w>" in vocab for symbol in ByteLevel.alphabet())
+    tokenizer = CLIPTokenizer.from_pretrained(first)
+    ids = tokenizer("A handwritten digit three").input_ids
+    assert ids[0] == 0 and ids[-1] == 1 and tokenizer.decode(ids[1:-1]) == "a handwritten digit three"
+
+
 def test_pretrain_resumes_after_sigkill(tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "genadapt.cli", "pretrain", "pocket-sd", "--out", str(out)]

@@ -33,16 +33,20 @@ def train_clip_bpe(captions: list[str], out: Path, vocab_size: int = 4096, model
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.model.save(str(out))
-    vocab = json.loads((out / "vocab.json").read_text())
-    # Every byte must exist both inside a word and at its end, as in CLIP's vocabulary.
-    for symbol in sorted(alphabet):
-        for piece in (symbol, symbol + "</w>"):
-            if piece not in vocab:
-                vocab[piece] = len(vocab)
+    trained = json.loads((out / "vocab.json").read_text())
+    merges = [line for line in (out / "merges.txt").read_text().splitlines() if line and not line.startswith("#version")]
+    # The trainer's merges are deterministic but its ids for single symbols are not (a hash set's order), so ids
+    # are reassigned in CLIP's order: the special tokens, every byte, every byte at a word's end (CLIP's vocabulary
+    # has both for every byte), then each merge's result in merge order. The same captions give the same files.
+    pieces = [BOS, EOS, *sorted(alphabet), *(symbol + "</w>" for symbol in sorted(alphabet)), *("".join(merge.split(" ")) for merge in merges)]
+    vocab: dict[str, int] = {}
+    for piece in pieces:
+        vocab.setdefault(piece, len(vocab))
+    missing = set(trained) - set(vocab)
+    if missing:
+        raise RuntimeError(f"tokenizer training produced pieces outside its alphabet and merges: {sorted(missing)[:5]}")
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    merges = (out / "merges.txt").read_text().splitlines()
-    if not merges or not merges[0].startswith("#version"):
-        (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     config = {
         "tokenizer_class": "CLIPTokenizer",
         "model_max_length": model_max_length,
