@@ -100,6 +100,21 @@ def test_full_changes_generator_and_discriminator(base, tmp_path):
     assert any(not torch.equal(ema[k], v) for k, v in _parameters(source.g_ema).items())
 
 
+def test_adam_flags_set_g_and_d_optimisers_with_ds_lazy_r1_correction(base, tmp_path):
+    """Unset: StyleGAN2's β = (0, 0.99) for G, D's with the lazy-R1 correction β^c, c = 16/17; given: the flags' β."""
+    def groups(run, **values):
+        _run(base, tmp_path / run, train="full", steps=2, **values)
+        state = torch.load(tmp_path / run / "checkpoints" / "state.pt", weights_only=True)
+        return state["g_optim"]["param_groups"][0], state["d_optim"]["param_groups"][0]
+
+    c = 16 / 17
+    g, d = groups("default")
+    assert tuple(g["betas"]) == (0.0, 0.99) and d["betas"][1] == pytest.approx(0.99 ** c) and g["eps"] == 1e-8
+    g, d = groups("given", adam_beta1=0.5, adam_beta2=0.9, adam_epsilon=1e-6, adam_weight_decay=1e-3)
+    assert tuple(g["betas"]) == (0.5, 0.9) and tuple(d["betas"]) == pytest.approx((0.5 ** c, 0.9 ** c))
+    assert g["eps"] == d["eps"] == 1e-6 and g["weight_decay"] == d["weight_decay"] == 1e-3
+
+
 def test_lora_leaves_base_bitwise_and_merges_exactly(base, tmp_path):
     summary = _run(base, tmp_path / "lora", train="lora", rank=2)
     model, source = summary["model"], gan.load(base)

@@ -136,6 +136,19 @@ def test_every_optimizer_is_the_named_one_and_steps():
     assert not make_optimizer("adafactor", [torch.nn.Parameter(torch.ones(2))], 1e-2, 0.0).param_groups[0]["relative_step"]
 
 
+def test_the_adam_flags_reach_the_optimiser_and_default_to_the_loops(base, tmp_path):
+    """diffusers' --adam_beta1/2, --adam_weight_decay, --adam_epsilon set the optimiser the run checkpoints; unset, the
+    technique's weight decay (LoRA's 1e-2) and torch's β and ε."""
+    def group(run, **values):
+        _run(base, tmp_path / run, steps=1, checkpointing_steps=1, **values)
+        return torch.load(tmp_path / run / "checkpoints" / "state.pt", weights_only=True)["optimizer"]["param_groups"][0]
+
+    given = group("given", train="lora", adam_beta1=0.8, adam_beta2=0.95, adam_weight_decay=0.05, adam_epsilon=1e-6)
+    assert (tuple(given["betas"]), given["weight_decay"], given["eps"]) == ((0.8, 0.95), 0.05, 1e-6)
+    default = group("default", train="lora")
+    assert (tuple(default["betas"]), default["weight_decay"], default["eps"]) == ((0.9, 0.999), 1e-2, 1e-8)
+
+
 def test_a_missing_or_unusable_optional_package_is_a_one_line_error(monkeypatch, tmp_path):
     from genadapt.cli import app
     from genadapt.recipes import optim
@@ -167,6 +180,8 @@ REFUSED = [
     ({"instance_prompt": "a dog", "caption": "a cat"}, "give one of them"),
     ({"min_bucket_reso": 32}, "--min-bucket-reso applies with --enable-bucket"),
     ({"train": "embedding", "use_ema": True}, "use --use-ema with --train full, freeze, lora"),
+    ({"optimizer": "adam", "adam_weight_decay": 0.1}, "--optimizer adam has none (use --optimizer adamw)"),
+    ({"optimizer": "adafactor", "adam_epsilon": 1e-6}, "--adam-epsilon applies to the Adam-family optimisers"),
 ]
 
 

@@ -5,6 +5,8 @@ the checks that refuse, before any run folder exists, a combination of these set
   (prodigyopt's Prodigy, Mishchenko & Defazio 2023), ``adafactor`` (transformers' Adafactor with a fixed
   learning rate: ``relative_step=False, scale_parameter=False, warmup_init=False``, as kohya recommends it).
   The optional ones are ``pip install 'genadapt[optim]'``; a missing one is a one-line error naming that.
+* ``--adam-beta1``, ``--adam-beta2``, ``--adam-weight-decay``, ``--adam-epsilon``: diffusers' example-script flags,
+  for every Adam-family optimiser (Prodigy's β and ε too); unset, the loop's β and the technique's weight decay.
 * ``--lr-scheduler``: diffusers' ``diffusers.optimization.get_scheduler``, stepped once per optimiser step (not
   through accelerate's wrapper, which steps it once per process) and checkpointed with the run.
 * ``--use-ema``: diffusers' ``EMAModel`` over the tensors the optimiser trains (its decay schedule:
@@ -59,6 +61,13 @@ def check_settings(config, family: str) -> None:
                             "use --optimizer adamw (or adafactor for less optimiser memory)")
         if missing(module):
             raise UserError(f"--optimizer {name} needs {package}, which is not installed: {install_hint(package)}")
+    given = config.model_fields_set
+    if name == "adafactor":
+        for field in ("adam_beta1", "adam_beta2", "adam_epsilon"):
+            if field in given:
+                raise UserError(f"--{field.replace('_', '-')} applies to the Adam-family optimisers; --optimizer adafactor has its own moments (drop the flag or use --optimizer adamw)")
+    if name == "adam" and config.adam_weight_decay:
+        raise UserError("--adam-weight-decay is AdamW's decoupled decay; --optimizer adam has none (use --optimizer adamw)")
     if name == "prodigy" and config.learning_rate is None:
         config.learning_rate = 1.0  # Prodigy estimates the step size; its lr is a multiplier, 1 as its authors recommend
     if config.report_to == "tensorboard" and missing("tensorboard"):
@@ -78,10 +87,19 @@ def check_settings(config, family: str) -> None:
             raise UserError("--ema-decay applies with --use-ema; add --use-ema or drop --ema-decay")
 
 
-def make_optimizer(name: str, parameters, lr: float, weight_decay: float, betas: tuple[float, float] | None = None) -> torch.optim.Optimizer:
+def adam_settings(config, weight_decay: float, betas: tuple[float, float]) -> tuple[float, tuple[float, float], float]:
+    """(weight decay, β, ε) from --adam-weight-decay, --adam-beta1/2 and --adam-epsilon, each falling back to the
+    technique's weight decay and the loop's β (diffusion: torch's 0.9, 0.999; GAN: StyleGAN2's 0, 0.99)."""
+    beta1 = betas[0] if config.adam_beta1 is None else config.adam_beta1
+    beta2 = betas[1] if config.adam_beta2 is None else config.adam_beta2
+    decay = weight_decay if config.adam_weight_decay is None else config.adam_weight_decay
+    return decay, (beta1, beta2), config.adam_epsilon
+
+
+def make_optimizer(name: str, parameters, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
     """The optimiser `--optimizer NAME` names, over `parameters` (a list of tensors)."""
     parameters = list(parameters)
-    beta = {} if betas is None else {"betas": betas}
+    beta = {"betas": betas, "eps": eps}
     if name == "adamw":
         return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, **beta)
     if name == "adam":

@@ -330,7 +330,8 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
 
     parameters = technique.parameters(model)
     check_artifact_size(technique, model, parameters, config)
-    optimizer = optim.make_optimizer(config.optimizer, parameters, effective_lr(config, accelerator), technique.weight_decay)
+    weight_decay, betas, eps = optim.adam_settings(config, technique.weight_decay, (0.9, 0.999))
+    optimizer = optim.make_optimizer(config.optimizer, parameters, effective_lr(config, accelerator), weight_decay, betas, eps)
     schedule_steps = max(1, config.steps // config.gradient_accumulation_steps)  # optimiser steps
     scheduler = optim.make_scheduler(config, optimizer, schedule_steps)
 

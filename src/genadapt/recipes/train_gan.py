@@ -180,11 +180,12 @@ def adapt_gan(config: AdaptConfig, accelerator=None) -> dict:
     g_params, d_params = _split_sides(model, technique.parameters(model))
     if not g_params or not d_params:
         raise UserError(f"--train {config.train}: nothing trains in the {'generator' if not g_params else 'discriminator'}; loosen --freeze / --freeze-d")
-    # --optimizer adam or adamw: the same update here, GAN techniques use no weight decay.
-    kind = "adam" if not technique.weight_decay else config.optimizer
-    g_optim = optim.make_optimizer(kind, g_params, effective_lr(config, accelerator), technique.weight_decay, BETAS)  # no path-length reg, so no lazy correction
-    d_lr, d_betas = lazy_adam_hyperparameters(effective_lr(config, accelerator), BETAS, R1_INTERVAL)
-    d_optim = optim.make_optimizer(kind, d_params, d_lr, technique.weight_decay, d_betas)
+    # --optimizer adam or adamw: the same update unless --adam-weight-decay is given (GAN techniques use no weight decay).
+    weight_decay, betas, eps = optim.adam_settings(config, technique.weight_decay, BETAS)
+    kind = "adam" if not weight_decay else config.optimizer
+    g_optim = optim.make_optimizer(kind, g_params, effective_lr(config, accelerator), weight_decay, betas, eps)  # no path-length reg, so no lazy correction
+    d_lr, d_betas = lazy_adam_hyperparameters(effective_lr(config, accelerator), betas, R1_INTERVAL)
+    d_optim = optim.make_optimizer(kind, d_params, d_lr, weight_decay, d_betas, eps)
     # --lr-scheduler scales both rates by the same factor per step (D's lazy-R1 rate stays D's base rate).
     g_scheduler, d_scheduler = optim.make_scheduler(config, g_optim, config.steps), optim.make_scheduler(config, d_optim, config.steps)
     g_optim, d_optim = accelerator.prepare(g_optim, d_optim)
