@@ -181,15 +181,17 @@ def test_cdc_is_zero_for_the_source_and_positive_after_drift(base):
                 parameter.add_(torch.randn_like(parameter) * 0.5)
     assert loss() > 0
     logits = cdc.patch_logits(model, torch.zeros(2, 3, 32, 32))
-    assert logits.shape == (2, 1, 16, 16)  # convs.1.conv2: a 12 px patch of 32, as the official 66 px of 256
+    assert logits.shape == (2, 1, 8, 8)  # convs.2.conv2, the measured default at 32 px: 30 px patches
 
 
-def test_cdc_patch_critic_sees_the_papers_share_of_the_image():
+def test_cdc_patch_critic_sees_the_papers_share_of_the_image_where_unmeasured():
     from genadapt.techniques.cdc import patch_block, patch_receptive_field
 
     # The official --highp 1 critic at 256 px (convs.3.conv2 + its 3x3 head) sees 66 px.
     assert patch_receptive_field(3) == 66 and patch_block(256, 6) == 3
-    assert patch_block(32, 3) == 1 and patch_receptive_field(1) / 32 < 0.5
+    assert patch_receptive_field(1) == 12 and patch_block(64, 4) == 1  # 12/64 is the nearest share to 66/256
+    assert patch_block(32, 3) == 2 and patch_receptive_field(2) == 30  # measured at 32 px (benchmarks/cdc_patch.py)
+    assert patch_block(32, 1) == 1  # a discriminator without the measured block falls back to the share rule
 
 
 def test_cdc_patch_block_chooses_the_critics_layer_and_is_recorded(base, tmp_path):
@@ -203,9 +205,9 @@ def test_cdc_patch_block_chooses_the_critics_layer_and_is_recorded(base, tmp_pat
     with pytest.raises(UserError, match="--cdc-patch-block 4: this 32 px discriminator has ResBlocks 1 to 3"):
         CDC(CDCSettings(cdc_patch_block=4)).prepare(gan.load(base), images=[None] * 5, config=SimpleNamespace(seed=0))
     _run(base, tmp_path / "default", train="full", loss=["cdc"], steps=1)
-    _run(base, tmp_path / "block2", train="full", loss=["cdc"], cdc_patch_block=2, steps=1)
-    assert yaml.safe_load((tmp_path / "default" / "config.yaml").read_text())["cdc_patch_block"] == 1
-    assert yaml.safe_load((tmp_path / "block2" / "config.yaml").read_text())["cdc_patch_block"] == 2
+    _run(base, tmp_path / "block1", train="full", loss=["cdc"], cdc_patch_block=1, steps=1)
+    assert yaml.safe_load((tmp_path / "default" / "config.yaml").read_text())["cdc_patch_block"] == 2
+    assert yaml.safe_load((tmp_path / "block1" / "config.yaml").read_text())["cdc_patch_block"] == 1
 
 
 @pytest.mark.parametrize("train, losses", [("full", ["cdc", "ewc"]), ("lora", []), ("embedding", ["cdc"])])
