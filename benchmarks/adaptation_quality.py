@@ -68,7 +68,8 @@ def extra(jobs: int) -> None:
     instead of 2 from the vocabulary's centroid (the compare's chosen rate, shots and seeds; last step, no validation);
     on flags, CDC at the registered rate (2e-3, EWC's) instead of the probe's, so its rate and its loss are not
     confounded, and TGAN and CDC at 2e-3 for LONG_STEPS steps (1 replicate, validated every 250 steps), where
-    memorisation should show."""
+    memorisation should show. The CDC controls of 2026-12-01 ran with patch block 1, the default then; `score`
+    labels each with the block its config.yaml records."""
     import subprocess
     import sys
 
@@ -192,14 +193,22 @@ def _rows(path: Path, style, label=lambda technique: technique) -> tuple[list[di
     return rows, base_row, results
 
 
+def patch_block_of(run: Path) -> int:
+    """The CDC patch block a run used: its config.yaml's, or 1 for runs from before --cdc-patch-block (the only block then)."""
+    import yaml
+
+    return yaml.safe_load((run / "config.yaml").read_text()).get("cdc_patch_block", 1)
+
+
 def cdc_direction(rows: list[dict]) -> dict:
     """The CDC paper's Tables 1-2 direction at 10 shots: CDC and EWC at least as diverse as TGAN, TGAN copying more."""
     by = {row["technique"]: row for row in rows}
     out = {}
-    for name in ("cdc", "cdc @ 2e-3", "ewc"):
+    controls = [row["technique"] for row in rows if row["technique"].startswith("cdc-block")]
+    for name in ("cdc", *controls, "ewc"):
         if name in by:
             out[f"diversity {name} >= full"] = by[name]["diversity"] >= by["full"]["diversity"]
-    for name in ("cdc", "cdc @ 2e-3"):
+    for name in ("cdc", *controls):
         if name in by:
             out[f"last-check copy rate full > {name}"] = by["full"]["last_check_copy_rate"] > by[name]["last_check_copy_rate"]
     return out
@@ -217,11 +226,13 @@ def long_schedule(path: Path) -> dict:
         evaluation = json.loads((path / "runs" / f"{technique}-10shot-r0" / "eval.json").read_text())
         out[technique] = {"kid": row["kid"], "diversity": row["diversity"], "copy_rate": row["copy_rate"], "best_step": evaluation["best_step"],
                           "curve": curves[technique][0]}
+        if technique == "cdc":
+            out[technique]["patch_block"] = patch_block_of(path / "runs" / f"{technique}-10shot-r0")
     return out
 
 
 def long_markdown(long: dict) -> str:
-    lines = [f"TGAN and CDC at 2e-3 for {LONG_STEPS} steps (flags, 1 replicate; validation every 250 steps on 16 samples):", "",
+    lines = [f"TGAN and CDC (patch block {long['cdc']['patch_block']}) at 2e-3 for {LONG_STEPS} steps (flags, 1 replicate; validation every 250 steps on 16 samples):", "",
              "| technique | best step | KID at best | diversity at best | copy rate at best (64 samples) | validation copy rate by step |", "|---|---|---|---|---|---|"]
     for technique, row in long.items():
         by_step = ", ".join(f"{c['step']}: {c['copy_rate']:.0%}" for c in row["curve"])
@@ -252,7 +263,8 @@ def score() -> None:
         plan, settings = results["plan"], results["settings"]
         control = OUT / f"pocket-stylegan2-{domain}-cdc-at-2e-3"
         if base == "pocket-stylegan2" and (control / "results.json").is_file():
-            rows += _rows(control, style, label=lambda technique: f"{technique} @ 2e-3")[0]
+            block = patch_block_of(control / "runs" / "cdc-10shot-r0")
+            rows += _rows(control, style, label=lambda technique: f"{technique}-block{block} @ 2e-3")[0]
         rows.sort(key=lambda row: row["kid"])
         table = {"base": base, "domain": domain, "steps": plan["steps"], "replicates": plan["replicates"], "shots": max(settings["shots"]),
                  "recommended": results["recommendation"][-1]["technique"], "worse_than_base": worse_than_base(results["recommendation"][-1]),
