@@ -38,7 +38,7 @@ def train_clip_bpe(captions: list[str], out: Path, vocab_size: int = 4096, model
     # The trainer's merges are deterministic but its ids for single symbols are not (a hash set's order), so ids
     # are reassigned in CLIP's order: the special tokens, every byte, every byte at a word's end (CLIP's vocabulary
     # has both for every byte), then each merge's result in merge order. The same captions give the same files.
-    pieces = [BOS, EOS, *sorted(alphabet), *(symbol + "</w>" for symbol in sorted(alphabet)), *("".join(merge.split(" ")) for merge in merges)]
+    pieces = [BOS, EOS, *sorted(alphabet), *(symbol + "</w>" for symbol in sorted(alphabet)), *(merge.replace(" ", "") for merge in merges)]
     vocab: dict[str, int] = {}
     for piece in pieces:
         vocab.setdefault(piece, len(vocab))
