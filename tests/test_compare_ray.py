@@ -17,6 +17,9 @@ from diffusion_fixtures import build_tiny_pipeline
 
 ray = pytest.importorskip("ray")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# Several processes per test, and `ray stop --force` ends every local Ray cluster: under pytest-xdist one worker
+# runs the multi-process tests in turn, beside the single-process ones.
+pytestmark = pytest.mark.xdist_group("multi-process")
 
 
 @pytest.fixture(scope="module")
