@@ -1,8 +1,10 @@
 """The command line: fast start, one-line errors, data inspect on real folders."""
 
+import os
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 from click.testing import CliRunner
 
@@ -64,3 +66,14 @@ def test_sample_both_pocket_models_deterministically(tmp_path):
             assert result.exit_code == 0, result.output
             grids.append((tmp_path / f"{model}-{name}").read_bytes())
         assert grids[0] == grids[1]
+
+
+@pytest.mark.parametrize("args", [
+    [command, "--no-such-flag"] for command in ("adapt", "compare", "data", "demo", "distill", "evaluate", "pretrain", "sample", "ui", "zoo")
+] + [["data", "inspect", "--no-such-flag"], ["sample", "-n", "abc"], ["no-such-command"]], ids=" ".join)
+def test_a_usage_error_in_the_real_command_is_one_line_with_exit_code_2(args):
+    """Through the installed entry point, not CliRunner (which swallows what would reach the terminal): typer's own
+    commands raise the exceptions of the click copy it ships, which a catch of click's alone let through as a traceback."""
+    done = subprocess.run([sys.executable, "-m", "genadapt", *args], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "--help" in lines[0], done.stderr

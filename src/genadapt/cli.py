@@ -533,19 +533,30 @@ class GenadaptCLI(click.Group):
         kwargs.pop("standalone_mode", None)
         try:
             code = super().main(args=args, prog_name=prog_name or "genadapt", standalone_mode=False, **kwargs)
-        except (click.exceptions.Exit, typer.Exit) as exc:
+        except (*_click_kinds("Exit"), typer.Exit) as exc:
             sys.exit(exc.exit_code)
-        except click.exceptions.Abort:
+        except _click_kinds("Abort"):
             click.echo("interrupted", err=True)
             sys.exit(130)
-        except click.UsageError as exc:
+        except _click_kinds("UsageError") as exc:
             command = exc.ctx.command_path if exc.ctx else "genadapt"
             click.echo(f"error: {exc.format_message()} (see {command} --help)", err=True)
             sys.exit(exc.exit_code)
-        except click.ClickException as exc:
+        except _click_kinds("ClickException") as exc:
             click.echo(f"error: {exc.format_message()}", err=True)
             sys.exit(exc.exit_code)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def _click_kinds(name: str) -> tuple[type, ...]:
+    """click's exception class `name`, and its twin in the copy of click that typer >= 0.2x runs its own commands on
+    (a usage error in `genadapt sample` is typer's, not click's, and would otherwise end in a traceback)."""
+    kinds = [getattr(click.exceptions, name)]
+    try:
+        from typer._click import exceptions as vendored
+    except ImportError:  # a typer that uses click itself
+        return tuple(kinds)
+    return tuple(kinds + [getattr(vendored, name)] if hasattr(vendored, name) else kinds)
 
 
 def _print_version(ctx, param, value):
