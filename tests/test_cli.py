@@ -77,3 +77,14 @@ def test_a_usage_error_in_the_real_command_is_one_line_with_exit_code_2(args):
     done = subprocess.run([sys.executable, "-m", "genadapt", *args], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "--help" in lines[0], done.stderr
+
+
+def test_no_torchvision_notice_before_the_output():
+    """transformers announces the missing torchvision on importing a pipeline; genadapt never needs it, so it stays quiet."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    code = "from diffusers import StableDiffusionPipeline"
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    if "requires torchvision" not in plain.stderr:
+        pytest.skip("this transformers says nothing about torchvision")
+    quiet = subprocess.run([sys.executable, "-c", "import genadapt; " + code], capture_output=True, text=True, check=True, env=env)
+    assert "torchvision" not in quiet.stderr, quiet.stderr

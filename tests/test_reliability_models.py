@@ -99,6 +99,22 @@ def test_a_broken_model_folder_is_one_line(base, tmp_path, name, damage, needle)
     assert "Traceback" not in result.output and not (tmp_path / "g.png").exists()
 
 
+@pytest.mark.parametrize("missing", ["/no/such/pipeline", "./no-such-pipeline", "pocket-sdx", "org/name/extra"])
+def test_a_missing_folder_is_named_and_never_looked_up_on_the_hub(tmp_path, missing, monkeypatch):
+    """A mistyped path is not a hub id (org/name): one line saying there is no such folder, and no request to the hub."""
+    monkeypatch.chdir(tmp_path)
+    import huggingface_hub.file_download as downloads
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a missing folder was looked up on the hub")
+
+    monkeypatch.setattr(downloads, "hf_hub_download", no_network)
+    result = runner.invoke(app, ["sample", missing, "-n", "1", "--steps", "1", "--out", str(tmp_path / "g.png")])
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert result.exit_code == 2 and len(errors) == 1 and f"--base {missing}: no such folder" in errors[0], result.output
+    assert "huggingface" not in result.output.lower()
+
+
 MARKER_CODE = "import pathlib; pathlib.Path({marker!r}).write_text('code from the model folder ran')\n"
 
 

@@ -122,6 +122,9 @@ def resolve_base(base: str) -> str:
         if not (path / "model_index.json").is_file():
             raise UserError(f"--base {base}: not a diffusers pipeline folder (no model_index.json); pass a folder saved with save_pretrained")
         return str(path)
+    if base.startswith(("/", ".", "~")) or "\\" in base or base.count("/") != 1:
+        # Not a hub id (org/name): a folder the user mistyped, which diffusers would look up on the hub.
+        raise UserError(f"--base {base}: no such folder; pass pocket-sd, a pipeline folder saved with save_pretrained, or a hub id (org/name)")
     return base  # a hub id: diffusers resolves it (from its cache when offline)
 
 
