@@ -53,6 +53,26 @@ def test_grid_of_builtin(tmp_path):
     assert Image.open(tmp_path / "g.png").size[0] > 16
 
 
+def test_grid_pads_and_composites_as_adapt_does(tmp_path):
+    """data grid --fit pad --background black: the grid shows what a run with those flags trains on."""
+    import numpy as np
+
+    rgba = np.zeros((10, 20, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 255, 255  # opaque red, twice as wide as tall
+    (tmp_path / "data").mkdir()
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "data" / "wide.png")
+    tile = {}
+    for fit, background in (("crop", "white"), ("pad", "black")):
+        out = tmp_path / f"{fit}.png"
+        result = runner.invoke(app, ["data", "grid", str(tmp_path / "data"), "--out", str(out), "--resolution", "8", "--scale", "1", "--fit", fit, "--background", background])
+        assert result.exit_code == 0, result.output
+        tile[fit] = np.asarray(Image.open(out).convert("RGB"))[2:10, 2:10]  # the one image, inside the grid's 2 px border
+    assert (tile["crop"] == [255, 0, 0]).all()
+    assert (tile["pad"][0] == 0).all() and (tile["pad"][4] == [255, 0, 0]).all()
+    refused = runner.invoke(app, ["data", "grid", str(tmp_path / "data"), "--fit", "stretch"])
+    assert refused.exit_code == 2 and "--fit stretch: choose crop or pad" in refused.output
+
+
 def test_bad_pretrain_settings_are_one_line_errors():
     result = runner.invoke(app, ["pretrain", "pocket-sd", "--out", "x", "--set", "unet_steps=many"])
     assert result.exit_code == 2 and "expected a value like" in result.output

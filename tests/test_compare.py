@@ -104,6 +104,41 @@ def test_without_reference_a_share_of_the_data_is_held_out(tmp_path):
     assert pool.captions[0] == "a handwritten digit three"
 
 
+def test_compare_reads_the_data_as_its_runs_do(tmp_path):
+    """--fit, --background, --caption-extension, --caption-column and --strict reach the split, the shots compare scores, and every
+    adapt run it makes (before, compare had none of them: a folder of kohya .caption files trained uncaptioned)."""
+    import numpy as np
+    from PIL import Image
+
+    from genadapt.data import load_dataset
+    from genadapt.errors import UserError
+    from genadapt.recipes.compare import adapt_config, hold_out, reading
+
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    for i in range(8):  # opaque red, twice as wide as tall: --fit pad leaves background above and below
+        rgba = np.zeros((10, 20, 4), np.uint8)
+        rgba[..., 0], rgba[..., 3] = 255, 255
+        Image.fromarray(rgba, "RGBA").save(folder / f"{i}.png")
+        (folder / f"{i}.caption").write_text(f"a red banner number {i}")
+    settings = CompareSettings(base="x", data=str(folder), reference=None, out=tmp_path / "c", shots=[2], techniques=["lora"],
+                               caption_extension=".caption", fit="pad", background="black")
+    split = hold_out(settings, tmp_path / "c")
+    pool = load_dataset(split.data, **reading(split), resolution=8)
+    assert set(pool.captions) <= {f"a red banner number {i}" for i in range(8)} and len(pool) == 6
+    shots = load_dataset(split.data, **reading(split), resolution=8, shots=2, seed=0)
+    assert (shots.pixels[:, 0, 4] == 0).all() and (shots.pixels[:, 4, 4] == [255, 0, 0]).all()  # black padding, red image
+    run = adapt_config(split, "lora", 2, 10, tmp_path / "run")
+    assert (run.fit, run.background, run.caption_extension, run.caption_column) == ("pad", "black", split.caption_extension, "text")
+    (folder / "broken.png").write_bytes(b"")  # --strict: an unusable file stops compare, as it stops adapt
+    strict = CompareSettings(base="x", data=str(folder), reference=str(folder), out=tmp_path / "s", shots=[2], techniques=["lora"], strict=True)
+    with pytest.raises(UserError, match="broken.png"):
+        load_dataset(strict.data, **reading(strict), resolution=8)
+    assert adapt_config(strict, "lora", 2, 10, tmp_path / "run2").strict
+    with pytest.raises(UserError, match="--caption-extension applies to diffusion"):
+        CompareSettings(base="pocket-stylegan2", data=str(folder), out=tmp_path / "g", caption_extension=".caption")
+
+
 def test_fixed_steps_skip_the_probe(base, tmp_path):
     settings = _settings(base, tmp_path)
     settings.shots, settings.techniques, settings.steps, settings.lr_probe = [2], ["embedding"], 2, 1

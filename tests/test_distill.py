@@ -214,3 +214,28 @@ def test_kid_check_needs_two_samples_or_none(tmp_path):
     with pytest.raises(UserError, match="kid-images 1"):
         _check(DistillConfig(teacher="pocket-sd", kind="progressive", out=str(tmp_path), kid_images=1), 1000)
     _check(DistillConfig(teacher="pocket-sd", kind="progressive", out=str(tmp_path), kid_images=0), 1000)
+
+
+def test_the_prompts_come_from_the_shots_captions_in_the_users_convention(tmp_path):
+    """--data with kohya .caption sidecars (--caption-extension) or a metadata column (--caption-column): those are the prompts."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from genadapt.recipes.distill import resolve_prompts
+
+    for name, spec in (("sidecars", {"caption_extension": ".caption"}), ("metadata", {"caption_column": "prompt"})):
+        folder = tmp_path / name
+        folder.mkdir()
+        rows = []
+        for i in range(3):
+            Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(folder / f"{i}.png")
+            (folder / f"{i}.caption").write_text(f"a banner {i}")
+            rows.append(json.dumps({"file_name": f"{i}.png", "prompt": f"a banner {i}"}))
+        if name == "metadata":
+            (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+            for i in range(3):
+                (folder / f"{i}.caption").unlink()
+        config = DistillConfig(kind="progressive", out=str(tmp_path / "d"), data=str(folder), **spec)
+        prompts, images = resolve_prompts(config, SimpleNamespace(resolution=8))
+        assert sorted(prompts) == ["a banner 0", "a banner 1", "a banner 2"] and len(images) == 3, name

@@ -177,6 +177,9 @@ def test_compare_and_distill_refuse_what_they_would_not_read(tmp_path):
         (["distill", "--kind", "architecture", "--student-width", "0.25", "--out", str(tmp_path / "d")], "--student-width applies to gan"),
         (["distill", "--teacher", "pocket-stylegan2", "--kind", "architecture", "--remove-blocks", "mid", "--out", str(tmp_path / "d")], "--remove-blocks applies to diffusion"),
         (["distill", "--teacher", "pocket-stylegan2", "--kind", "progressive", "--out", str(tmp_path / "d")], "only --kind architecture applies to GANs"),
+        (["distill", "--kind", "progressive", "--caption-extension", ".caption", "--out", str(tmp_path / "d")], "--caption-extension reads the captions of --data"),
+        (["compare", "--base", "pocket-stylegan2", "--data", "builtin:digits/3", "--caption-column", "prompt"], "--caption-column applies to diffusion"),
+        (["compare", "--data", "builtin:digits/3", "--fit", "stretch"], "--fit"),
     ]
     for args, message in cases:
         result = runner.invoke(app, args)

@@ -86,12 +86,16 @@ def data_grid(
     resolution: int = typer.Option(32, help="Side of each image in pixels."),
     limit: int = typer.Option(64, help="At most this many images."),
     scale: int = typer.Option(2, help="Nearest-neighbour zoom of the grid."),
+    fit: str = typer.Option("crop", help="Make images square by center-cropping (crop) or padding (pad), as adapt --fit does."),
+    background: str = typer.Option("white", help="Colour transparent images are composited on, as adapt --background does."),
 ) -> None:
     """Save a grid of a dataset's images, to see what a model will learn from."""
     from genadapt.data import load_dataset
     from genadapt.grid import save_grid
 
-    images = load_dataset(data, resolution=resolution)
+    if fit not in ("crop", "pad"):
+        raise UserError(f"--fit {fit}: choose crop or pad")
+    images = load_dataset(data, resolution=resolution, fit=fit, background=background)
     typer.echo(save_grid(images.pixels[:limit], out, scale=scale))
 
 
@@ -240,7 +244,7 @@ def evaluate(
 @typer_app.command()
 @user_errors
 def demo(
-    quick: bool = typer.Option(False, "--quick", help="About 3 minutes: two techniques per model, fewer samples."),
+    quick: bool = typer.Option(False, "--quick", help="About 2 minutes on 2 cores: two techniques per model, 1 replicate, no learning-rate probe, no validation, fewer samples."),
     out: Path = typer.Option(Path("runs/demo"), help="Where the runs and the reports go; rerun to resume."),
     target: str = typer.Option("flags", help="Held-out OpenMoji target domain: flags (far) or dark-skin (near)."),
     threads: Optional[int] = typer.Option(None, help="Intra-op CPU threads.  [default: 1 on 2-core machines, else the free cores]"),
@@ -258,7 +262,7 @@ def demo(
     _set_threads(threads)
     folder = out / ("quick" if quick else "full")
     # Fixed step counts, not a time budget: the demo gives the same numbers on every machine
-    # (the full demo: 42 minutes on 2 cores, docs/benchmarks.md; --quick: about 2).
+    # (the full demo: 36-42 minutes on 2 cores, docs/benchmarks.md; --quick: about 2).
     plans = {
         "pocket-sd": (["lora", "embedding"], 150) if quick else (["lora", "embedding", "freeze", "full", "ewc"], 400),
         "pocket-stylegan2": (["freeze", "cdc"], 200) if quick else (["full", "freeze", "lora", "embedding", "ewc", "cdc"], 500),
@@ -360,14 +364,23 @@ def _field_options(models: list, skip: set[str], taken: set[str]) -> list[click.
             taken.add(name)
             kind, is_list = _unwrap(info.annotation)
             decls = _spellings(name, field_aliases(model, name))
-            help_text = info.description or ""
+            help_text = _with_default(info.description or "", info.default)
             if kind is bool:
                 options.append(click.Option(decls + [name], is_flag=True, default=None, help=help_text))
             else:
                 metavar = "|".join(typing.get_args(kind)) if typing.get_origin(kind) is typing.Literal else {int: "INT", float: "FLOAT"}.get(kind, "TEXT")
                 options.append(click.Option(decls + [name], multiple=is_list, default=None, metavar=metavar,
-                                            help=help_text + ("  (repeatable)" if is_list else "")))
+                                            help=help_text + ("  (repeatable)" if is_list and "repeatable" not in help_text else "")))
     return options
+
+
+def _with_default(help_text: str, default) -> str:
+    """The field's default in its help, as typer's commands show theirs; descriptions that state one keep their own."""
+    from pydantic_core import PydanticUndefined
+
+    if "[default" in help_text or default in (None, PydanticUndefined, False, "", [], ()):
+        return help_text
+    return f"{help_text}  [default: {default}]"
 
 
 def _given(ctx: click.Context, values: dict) -> dict:

@@ -101,7 +101,7 @@ class AdaptConfig(BaseModel):
     train: str | None = setting(None, "The parameter technique (what trains); --help lists them.  [default: the family's]")
     loss: list[LossSpec] = setting(list, "Loss technique NAME[:WEIGHT] (repeatable); --help lists them.")
     steps: int | None = setting(None, "Optimisation steps.  [default: the family's]", ge=1, aliases=("--max-train-steps",))
-    learning_rate: float | None = setting(None, "[default: the technique's for this family]", gt=0, aliases=("--lr",))
+    learning_rate: float | None = setting(None, "Optimiser step size (a prodigy run's d multiplier).  [default: the technique's for this family; prodigy 1]", gt=0, aliases=("--lr",))
     batch_size: int = setting(4, "Images per step and process.", ge=1, aliases=("--train-batch-size",))
     gradient_accumulation_steps: int = setting(1, "Accumulate gradients over this many batches before each optimiser step.", ge=1)
     max_grad_norm: float | None = setting(None, "Clip the gradient norm (0: off).  [default: diffusion 1, GAN 0 as StyleGAN2]", ge=0)
@@ -160,7 +160,7 @@ class AdaptConfig(BaseModel):
     copy_ceiling: float = setting(0.05, "A validation check whose copy rate exceeds this cannot be the best step.", ge=0, le=1)
     # GAN bases only
     r1_gamma: float | None = setting(None, "R1 weight.  [default: the base's pretraining value, else 10]", GAN, ge=0)
-    allow_pickle: bool = setting(False, "Read a rosinality .pt base (torch.load weights_only=True).", GAN)
+    allow_pickle: bool = setting(False, "Allow a rosinality .pt base, a pickle: read with torch.load(weights_only=True), the restricted unpickler.", GAN)
     # what the techniques read: {field: value} as given, validated into `sections`
     technique_values: dict[str, Any] = Field(default_factory=dict, exclude=True, repr=False)
     _sections: dict[str, BaseModel] = PrivateAttr(default_factory=dict)
@@ -366,12 +366,14 @@ class DistillConfig(BaseModel):
     kind: Literal["progressive", "consistency", "architecture"] = setting(..., "progressive (fewer steps), consistency (LCM-LoRA, 1-4 steps), architecture (BK-SDM; GAN Compression for GANs).")
     out: str = setting(..., "Run folder; rerun to resume.", aliases=("--output-dir",))
     data: str | None = setting(None, "The shots: their captions are the prompts the student learns on.", DIFFUSION)
+    caption_extension: str = setting(".txt", "--data: sidecar caption extension, kohya's NAME.txt beside NAME.png.", DIFFUSION)
+    caption_column: str = setting("text", "--data: caption column of metadata.jsonl / metadata.csv (Hugging Face imagefolder).", DIFFUSION)
     prompts: list[str] = setting(list, "Prompts to distil on (repeatable).", DIFFUSION, aliases=("--prompt",))
     num_samples: int = setting(64, "Teacher samples to distil on (prompts cycled).", DIFFUSION, ge=1)
     teacher_sample_steps: int = setting(50, "Teacher DDIM steps for those samples.", DIFFUSION, ge=1)
     guidance: float = setting(4.0, "Teacher classifier-free guidance, diffusers convention (1 = none).", DIFFUSION, ge=1.0)
     steps: int = setting(500, "Optimiser steps (per round for progressive).", ge=1)
-    learning_rate: float | None = setting(None, "[default: progressive 5e-5, consistency 1e-4, architecture 5e-5, GAN 2e-3]", gt=0, allow_inf_nan=False, aliases=("--lr",))
+    learning_rate: float | None = setting(None, "Optimiser step size.  [default: progressive 5e-5, consistency 1e-4, architecture 5e-5, GAN 2e-3]", gt=0, allow_inf_nan=False, aliases=("--lr",))
     batch_size: int = setting(8, "Samples per step.", ge=1, aliases=("--train-batch-size",))
     max_grad_norm: float = setting(1.0, "Clip the gradient norm (0: off).", ge=0)
     seed: int = setting(0, "Seed.", ge=0, lt=2**63)
@@ -414,6 +416,9 @@ class DistillConfig(BaseModel):
         if family == "gan" and self.kind != "architecture":
             raise UserError(f"--kind {self.kind}: a GAN teacher ({self.teacher}) has no sampling steps to cut; only --kind architecture applies to GANs")
         refuse_unread(self, family, self.kind)
+        for name in ("caption_extension", "caption_column"):
+            if self.data is None and getattr(self, name) != type(self).model_fields[name].get_default():
+                raise UserError(f"{flag(name)} reads the captions of --data; pass --data with it, or drop it")
         return self
 
     @property
@@ -473,6 +478,11 @@ class CompareConfig(BaseModel):
     diversity_floor: float = setting(0.5, "Disqualify a technique whose intra-cluster diversity is below this times the base's.", ge=0)
     seed: int = setting(0, "Seed for shots, training and sampling.", ge=0, lt=2**63)
     caption: str | None = setting(None, "Prompt for images without a caption of their own.", DIFFUSION)
+    caption_extension: str = setting(".txt", "Sidecar caption extension, kohya's NAME.txt beside NAME.png.", DIFFUSION)
+    caption_column: str = setting("text", "Caption column of metadata.jsonl / metadata.csv (Hugging Face imagefolder).", DIFFUSION)
+    fit: Literal["crop", "pad"] = setting("crop", "Make images square by center-cropping or padding (the shots, the pool and --reference alike).")
+    background: str = setting("white", "Colour transparent images are composited on (the shots, the pool and --reference alike).")
+    strict: bool = setting(False, "Stop on any unusable image in --data or --reference instead of skipping it.")
     probe_steps: int = setting(2, "Steps of the timing probe per technique.", ge=1)
     sample_steps: int = setting(25, "Sampler steps for evaluation samples.", DIFFUSION, ge=1)
     reference_share: float = setting(0.3, "Without --reference: the share of --data held out as the reference.", gt=0, lt=1)

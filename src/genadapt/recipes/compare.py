@@ -59,6 +59,12 @@ def run_name(technique: str, shots: int, replicate: int = 0) -> str:
     return f"{technique}-{shots}shot-r{replicate}"
 
 
+def reading(settings: CompareConfig) -> dict:
+    """How compare reads --data and --reference: as its adapt runs read their shots (fit, background, caption files)."""
+    return {"fit": settings.fit, "background": settings.background, "caption_extension": settings.caption_extension,
+            "caption_column": settings.caption_column, "strict": settings.strict}
+
+
 def parse_run_name(name: str) -> tuple[str, int, int]:
     technique, shots, replicate = name.rsplit("-", 2)
     return technique, int(shots.removesuffix("shot")), int(replicate.removeprefix("r"))
@@ -80,7 +86,8 @@ def adapt_config(settings: CompareConfig, technique: str, shots: int, steps: int
         # Four cheap checks a run (16 samples each) find the best step at a fraction of the training's cost.
         "validate_every": max(1, steps // 4) if settings.validate_every is None else settings.validate_every,
         "validation_samples": 16, "patience": settings.patience, "copy_ceiling": settings.copy_ceiling,
-        **({"caption": settings.caption} if family == "diffusion" else {}),
+        "fit": settings.fit, "background": settings.background, "strict": settings.strict,
+        **({"caption": settings.caption, "caption_extension": settings.caption_extension, "caption_column": settings.caption_column} if family == "diffusion" else {}),
         **family_module(family).COMPARE,
         **techniques.compare_presets(family)[technique],
     }
@@ -173,8 +180,8 @@ def probe(settings: CompareConfig, scratch: Path) -> tuple[dict[str, float], flo
     from genadapt.data import load_dataset
 
     # One-off costs (rendering a built-in set, first model load) must not count as per-run setup.
-    load_dataset(settings.data, resolution=32)
-    load_dataset(settings.reference, resolution=32)
+    load_dataset(settings.data, **reading(settings), resolution=32)
+    load_dataset(settings.reference, **reading(settings), resolution=32)
     base_samples(settings.base, 1, ["probe"], steps=1)
     per_step = {}
     for technique in settings.techniques:
@@ -255,7 +262,7 @@ def hold_out(settings: CompareConfig, out: Path) -> CompareConfig:
     pool_dir, reference_dir = out / "data" / "pool", out / "data" / "reference"
     if not (reference_dir / "metadata.jsonl").is_file():
         builtin = settings.data.startswith("builtin:")
-        images = load_dataset(settings.data, resolution=32 if builtin else 8, caption=settings.caption)
+        images = load_dataset(settings.data, **reading(settings), resolution=32 if builtin else 8, caption=settings.caption)
         count = max(2, int(round(len(images) * settings.reference_share)))
         if len(images) - count < max(settings.shots):
             raise UserError(
@@ -275,7 +282,8 @@ def hold_out(settings: CompareConfig, out: Path) -> CompareConfig:
                     shutil.copy2(Path(settings.data) / record.id, folder / name)
                 rows.append(json.dumps({"file_name": name, "text": images.records[index].caption}))
             (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
-    return settings.model_copy(update={"data": str(pool_dir), "reference": str(reference_dir), "caption": None})
+    # The split folders carry each image's caption in metadata.jsonl's text column.
+    return settings.model_copy(update={"data": str(pool_dir), "reference": str(reference_dir), "caption": None, "caption_column": "text"})
 
 
 def compare(settings: CompareConfig) -> dict:
@@ -328,7 +336,7 @@ def _compare(settings: CompareConfig) -> dict:
         write_json(plan_path, asdict(plan))
     write_json(out / "settings.json", settings.model_dump(mode="json"))
 
-    reference = load_dataset(settings.reference, resolution=32)
+    reference = load_dataset(settings.reference, **reading(settings), resolution=32)
     results = {"settings": json.loads((out / "settings.json").read_text()), "plan": asdict(plan), "runs": {}}
     features = {"reference": _features_of(reference, out / "reference_features.safetensors")}
     started = time.time()
@@ -342,9 +350,9 @@ def _compare(settings: CompareConfig) -> dict:
             path = folder / f"eval-{shots}shot.json"
             if not path.is_file():
                 if samples is None:  # the base is sampled once per replicate, prompted with its largest shot set's captions
-                    largest = load_dataset(settings.data, resolution=32, shots=max(settings.shots), seed=seed, caption=settings.caption)
+                    largest = load_dataset(settings.data, **reading(settings), resolution=32, shots=max(settings.shots), seed=seed, caption=settings.caption)
                     samples = base_samples(settings.base, settings.samples, largest.captions, seed, settings.sample_steps)
-                train_shots = load_dataset(settings.data, resolution=32, shots=shots, seed=seed)
+                train_shots = load_dataset(settings.data, **reading(settings), resolution=32, shots=shots, seed=seed)
                 evaluation = evaluate(samples, reference, train_shots, out=folder if shots == max(settings.shots) else None)
                 write_json(path, {"technique": "base", "shots": shots, "replicate": replicate, "evaluation": evaluation})
             results["runs"][name] = json.loads(path.read_text())
@@ -391,7 +399,7 @@ def learning_rate_probe(settings: CompareConfig, plan: ComparePlan, out: Path, b
         return json.loads(path.read_text())
     from genadapt.data import load_dataset
 
-    pool = len(load_dataset(settings.data.split("?", 1)[0], resolution=32))
+    pool = len(load_dataset(settings.data.split("?", 1)[0], **reading(settings), resolution=32))
     if pool - max(settings.shots) < 4:
         raise UserError(f"--lr-probe {settings.lr_probe}: the probe validates on --data images that are not the {max(settings.shots)} shots, "
                         f"and {settings.data} holds {pool}; pass --lr-probe 1 (the default rates) or more images")
@@ -429,8 +437,8 @@ def run_one(settings_values: dict, name: str, steps: int) -> dict:
     cpu_started = time.process_time()
     config = adapt_config(settings, technique, shots, steps, run, replicate, learning_rate=chosen_rate(settings, technique))
     adapt(config)
-    reference = load_dataset(settings.reference, resolution=32)
-    train_shots = load_dataset(settings.data, resolution=32, shots=shots, seed=settings.seed + replicate)
+    reference = load_dataset(settings.reference, **reading(settings), resolution=32)
+    train_shots = load_dataset(settings.data, **reading(settings), resolution=32, shots=shots, seed=settings.seed + replicate)
     samples = run_samples(run, settings.samples, settings.seed + replicate, steps=settings.sample_steps)
     _features_of(samples, run / "eval" / "sample_features.safetensors")
     evaluation = evaluate(samples, reference, train_shots, out=run / "eval")

@@ -127,7 +127,7 @@ def resolve_prompts(config: DistillConfig, model):
     if config.data:
         from genadapt.data import load_dataset
 
-        images = load_dataset(config.data, resolution=model.resolution)
+        images = load_dataset(config.data, resolution=model.resolution, caption_extension=config.caption_extension, caption_column=config.caption_column)
     if config.prompts:
         return list(config.prompts), images
     if images is not None:
