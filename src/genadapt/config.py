@@ -118,7 +118,7 @@ class AdaptConfig(BaseModel):
     enable_bucket: bool = setting(False, "Aspect-ratio bucketing (kohya): each image trains at the bucket nearest its aspect ratio; batches are drawn within a bucket.", DIFFUSION)
     min_bucket_reso: int | None = setting(None, "--enable-bucket: the shortest bucket side.  [default: resolution / 2]", DIFFUSION, ge=8)
     max_bucket_reso: int | None = setting(None, "--enable-bucket: the longest bucket side.  [default: resolution x 2]", DIFFUSION, ge=8)
-    bucket_reso_steps: int | None = setting(None, "--enable-bucket: bucket sides are multiples of this.  [default: the base's latent factor, 64 px for SD]", DIFFUSION, ge=1)
+    bucket_reso_steps: int | None = setting(None, "--enable-bucket: bucket sides are multiples of this.  [default: the base's latent step (VAE factor x UNet downsampling): 64 px for SD 1.x/2.x, 32 px for SDXL, 16 px for pocket-sd]", DIFFUSION, ge=1)
     center_crop: bool = setting(False, "Crop at the center (genadapt's default; diffusers crops at random without it).", DIFFUSION)
     random_crop: bool = setting(False, "Crop at a random position drawn every step (images are then VAE-encoded every step).", DIFFUSION)
     random_flip: bool = setting(False, "Train on each image and its mirror: the same as --augment flip (kohya's --flip_aug).", DIFFUSION, aliases=("--flip-aug",))
@@ -137,7 +137,7 @@ class AdaptConfig(BaseModel):
     snr_gamma: float | None = setting(None, "Min-SNR loss weighting (Hang et al. 2023) with this gamma; 5 is the paper's.", DIFFUSION, gt=0, aliases=("--min-snr-gamma",))
     noise_offset: float = setting(0.0, "Offset noise (Guttenberg): add this times one normal draw per image and channel to the noise.", DIFFUSION, ge=0)
     use_ema: bool = setting(False, "Keep an EMA of the trained tensors and save it as the artifact (diffusers' EMAModel).", DIFFUSION)
-    ema_decay: float = setting(0.9999, "--use-ema: the decay, capped by EMAModel's (1 + n) / (10 + n) warm-up.", DIFFUSION, gt=0, lt=1)
+    ema_decay: float = setting(0.9999, "--use-ema: the decay, capped by EMAModel's warm-up n / (9 + n) at the n-th optimiser step (the first copies the weights).", DIFFUSION, gt=0, lt=1)
     report_to: Literal["none", "tensorboard"] = setting("none", "Also log loss terms, learning rate and sample grids as TensorBoard events in RUN/logs.", aliases=("--log-with",))
     # bookkeeping
     checkpointing_steps: int = setting(100, "Checkpoint every N steps (atomic; rerun to resume).", ge=1)
