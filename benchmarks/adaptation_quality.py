@@ -68,8 +68,8 @@ def extra(jobs: int) -> None:
     instead of 2 from the vocabulary's centroid (the compare's chosen rate, shots and seeds; last step, no validation);
     on flags, CDC at the registered rate (2e-3, EWC's) instead of the probe's, so its rate and its loss are not
     confounded, and TGAN and CDC at 2e-3 for LONG_STEPS steps (1 replicate, validated every 250 steps), where
-    memorisation should show. The CDC controls of 2026-12-01 ran with patch block 1, the default then; `score`
-    labels each with the block its config.yaml records."""
+    memorisation should show. The CDC controls of 2026-12-01 ran with patch block 1, the default then, and were rerun
+    with block 2 on 2026-12-02; `score` labels each with the block its config.yaml records."""
     import subprocess
     import sys
 
