@@ -538,7 +538,7 @@ class GenadaptCLI(click.Group):
     def format_commands(self, ctx, formatter):
         # The generated commands' one-line help without building them (that would import torch).
         group = self._typer_group()
-        rows = [(name, GENERATED.get(name) or group.commands[name].get_short_help_str(80)) for name in self.list_commands(ctx)]
+        rows = [(name, GENERATED.get(name) or group.commands[name].get_short_help_str(300)) for name in self.list_commands(ctx)]
         with formatter.section("Commands"):
             formatter.write_dl([(name, text.split(". ")[0].rstrip(".")) for name, text in rows])
 
