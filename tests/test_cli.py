@@ -108,3 +108,20 @@ def test_no_torchvision_notice_before_the_output():
         pytest.skip("this transformers says nothing about torchvision")
     quiet = subprocess.run([sys.executable, "-c", "import genadapt; " + code], capture_output=True, text=True, check=True, env=env)
     assert "torchvision" not in quiet.stderr, quiet.stderr
+
+
+def test_help_shows_zero_and_other_defaults():
+    """A default of 0 is shown like any other (0 == False once hid it)."""
+    import click
+
+    adapt = app.get_command(click.Context(app), "adapt")
+    helps = {option.name: option.help for option in adapt.params}
+    for name, default in (("seed", "0"), ("batch_size", "4"), ("noise_offset", "0.0"), ("optimizer", "adamw")):
+        assert helps[name].endswith(f"[default: {default}]"), (name, helps[name])
+    assert "[default" not in helps["cpu"]  # a flag is off unless given
+
+
+@pytest.mark.parametrize("args", [[], ["zoo"], ["data"]], ids=lambda args: " ".join(["genadapt", *args]))
+def test_a_command_alone_shows_its_help_not_an_error(args):
+    done = subprocess.run([sys.executable, "-m", "genadapt", *args], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("Usage: genadapt") and "Commands" in done.stdout and not done.stderr, (done.stdout, done.stderr)

@@ -139,6 +139,29 @@ def test_compare_reads_the_data_as_its_runs_do(tmp_path):
         CompareSettings(base="pocket-stylegan2", data=str(folder), out=tmp_path / "g", caption_extension=".caption")
 
 
+def test_validation_reads_captions_in_the_users_column(tmp_path):
+    """A folder whose metadata.jsonl names its captions `prompt`: the validation pool of every compare run reads it with
+    --caption-column prompt (it read only `text` before, and stopped at the first check)."""
+    import numpy as np
+    from PIL import Image
+
+    from genadapt.data import load_dataset
+    from genadapt.recipes.compare import adapt_config, reading
+    from genadapt.recipes.validation import validation_images
+
+    folder = tmp_path / "prompted"
+    folder.mkdir()
+    rows = []
+    for i in range(10):
+        Image.fromarray(np.full((16, 16, 3), 20 * i, np.uint8)).save(folder / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "prompt": f"a grey square {i}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    settings = CompareSettings(base="x", data=str(folder), reference=str(folder), out=tmp_path / "c", shots=[2], techniques=["lora"], caption_column="prompt")
+    run = adapt_config(settings, "lora", 2, 8, tmp_path / "run")
+    shots = load_dataset(settings.data, **reading(settings), resolution=8, shots=2, seed=0)
+    assert len(validation_images(run, shots, resolution=8)) == 8
+
+
 def test_fixed_steps_skip_the_probe(base, tmp_path):
     settings = _settings(base, tmp_path)
     settings.shots, settings.techniques, settings.steps, settings.lr_probe = [2], ["embedding"], 2, 1

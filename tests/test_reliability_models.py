@@ -115,6 +115,15 @@ def test_a_missing_folder_is_named_and_never_looked_up_on_the_hub(tmp_path, miss
     assert "huggingface" not in result.output.lower()
 
 
+def test_a_base_under_home_is_found_with_a_tilde(tmp_path, monkeypatch):
+    from genadapt.families.diffusion import resolve_base
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "sd").mkdir()
+    (tmp_path / "sd" / "model_index.json").write_text("{}")
+    assert resolve_base("~/sd") == str(tmp_path / "sd")
+
+
 MARKER_CODE = "import pathlib; pathlib.Path({marker!r}).write_text('code from the model folder ran')\n"
 
 

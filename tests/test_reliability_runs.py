@@ -248,3 +248,20 @@ def test_disk_full_keeps_the_earlier_checkpoint(base, tmp_path):
         assert not list(out.rglob("*.tmp")) and not [p for p in out.rglob(".*") if p.name.endswith(".tmp")]
     finally:
         subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_a_setting_newer_than_the_checkpoint_resumes_at_its_default_and_refuses_otherwise(tmp_path):
+    """A run checkpointed before a setting existed (its config.yaml lacks the key) did what the default does:
+    it resumes with the default, and refuses any other value."""
+    from genadapt.config import DistillConfig
+    from genadapt.errors import UserError
+    from genadapt.runs import check_resumable, field_defaults
+
+    (tmp_path / "state.pt").write_bytes(b"x")
+    (tmp_path / "config.yaml").write_text("kind: progressive\nsteps: 10\n")  # written before caption_extension existed
+    defaults = field_defaults(DistillConfig)
+    check_resumable(tmp_path, "state.pt", {"kind": "progressive", "steps": 10, "caption_extension": ".txt"}, defaults=defaults)
+    with pytest.raises(UserError, match="caption_extension"):
+        check_resumable(tmp_path, "state.pt", {"kind": "progressive", "steps": 10, "caption_extension": ".caption"}, defaults=defaults)
+    with pytest.raises(UserError, match="steps"):
+        check_resumable(tmp_path, "state.pt", {"kind": "progressive", "steps": 20, "caption_extension": ".txt"}, defaults=defaults)

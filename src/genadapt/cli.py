@@ -378,7 +378,7 @@ def _with_default(help_text: str, default) -> str:
     """The field's default in its help, as typer's commands show theirs; descriptions that state one keep their own."""
     from pydantic_core import PydanticUndefined
 
-    if "[default" in help_text or default in (None, PydanticUndefined, False, "", [], ()):
+    if "[default" in help_text or default is None or default is False or default is PydanticUndefined or default in ("", [], ()):
         return help_text
     return f"{help_text}  [default: {default}]"
 
@@ -548,9 +548,12 @@ class GenadaptCLI(click.Group):
             code = super().main(args=args, prog_name=prog_name or "genadapt", standalone_mode=False, **kwargs)
         except (*_click_kinds("Exit"), typer.Exit) as exc:
             sys.exit(exc.exit_code)
-        except _click_kinds("Abort"):
+        except (*_click_kinds("Abort"), typer.Abort):
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except _click_kinds("NoArgsIsHelpError") as exc:  # `genadapt`, `genadapt zoo`: the help, as --help shows it
+            click.echo(exc.ctx.get_help())
+            sys.exit(0)
         except _click_kinds("UsageError") as exc:
             command = exc.ctx.command_path if exc.ctx else "genadapt"
             click.echo(f"error: {exc.format_message()} (see {command} --help)", err=True)

@@ -112,9 +112,18 @@ def load_torch(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def check_resumable(out: Path, state_file: str, resolved: dict, ignored: set[str] | frozenset = frozenset()) -> None:
+def field_defaults(model) -> dict:
+    """A settings model's defaults, as config.yaml records values (paths as strings)."""
+    import json
+
+    return {name: json.loads(json.dumps(field.get_default(call_default_factory=True), default=str))
+            for name, field in model.model_fields.items() if not field.is_required()}
+
+
+def check_resumable(out: Path, state_file: str, resolved: dict, ignored: set[str] | frozenset = frozenset(), defaults: dict | None = None) -> None:
     """A checkpoint only continues the run that wrote it: any changed setting (but `ignored` ones,
-    which may differ between a run and its continuation) would silently mix two runs."""
+    which may differ between a run and its continuation) would silently mix two runs. A setting that
+    the checkpoint's config.yaml predates counts as its default (`defaults`): what the older run did."""
     import yaml
 
     from genadapt.errors import UserError
@@ -122,7 +131,9 @@ def check_resumable(out: Path, state_file: str, resolved: dict, ignored: set[str
     if not (out / state_file).is_file() or not (out / "config.yaml").is_file():
         return
     previous = yaml.safe_load((out / "config.yaml").read_text())
-    changed = sorted(key for key in set(previous) | set(resolved) if key not in ignored and previous.get(key) != resolved.get(key))
+    defaults = defaults or {}
+    changed = sorted(key for key in set(previous) | set(resolved)
+                     if key not in ignored and previous.get(key, defaults.get(key)) != resolved.get(key))
     if changed:
         raise UserError(f"{out} holds a checkpoint of a run with other settings ({', '.join(changed[:4])}); use a new --out, or the same settings to resume")
 

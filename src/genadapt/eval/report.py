@@ -252,7 +252,8 @@ def write_compare_report(results: dict, out: Path) -> Path:
     sections = []
     for shots in plan["shots"]:
         images = load_dataset(settings["data"], resolution=32, shots=shots, seed=settings["seed"],
-                              fit=settings.get("fit", "crop"), background=settings.get("background", "white"))
+                              fit=settings.get("fit", "crop"), background=settings.get("background", "white"),
+                              caption_extension=settings.get("caption_extension", ".txt"), caption_column=settings.get("caption_column", "text"))
         save_grid(images.pixels, out / f"shots-{shots}.png", columns=min(5, len(images)), scale=2)
         cards = [f"<figure><img src='shots-{shots}.png'><figcaption>the {shots} training shot(s)</figcaption></figure>"]
         for name, run in results["runs"].items():

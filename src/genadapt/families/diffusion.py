@@ -117,7 +117,7 @@ def resolve_base(base: str) -> str:
         from genadapt.zoo import weights_dir
 
         return str(weights_dir("pocket-sd"))
-    path = Path(base)
+    path = Path(base).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise UserError(f"--base {base}: not a diffusers pipeline folder (no model_index.json); pass a folder saved with save_pretrained")

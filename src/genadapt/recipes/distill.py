@@ -67,7 +67,7 @@ from genadapt.config import DistillConfig
 from genadapt.errors import UserError
 from genadapt.eval import distill as judge
 from genadapt.families import diffusion
-from genadapt.runs import check_resumable, load_checkpoint, progress, save_safetensors, save_torch, use_cpu, write_json, write_manifest, write_yaml
+from genadapt.runs import check_resumable, field_defaults, load_checkpoint, progress, save_safetensors, save_torch, use_cpu, write_json, write_manifest, write_yaml
 from genadapt.techniques import distill as losses
 
 STATE_FILE = "checkpoints/state.pt"
@@ -482,7 +482,7 @@ def record_run(config: DistillConfig, family: str, artifact: str | None, main: b
     and run.json (what it is: `genadapt.models.load_run` loads `<family>.load(RUN/<artifact>)`)."""
     out = Path(config.out)
     resolved = {"family": family, "recipe": "distill", "base": config.teacher, **json.loads(config.model_dump_json())}
-    check_resumable(out, STATE_FILE, resolved, ignored=REPORT_ONLY)
+    check_resumable(out, STATE_FILE, resolved, ignored=REPORT_ONLY, defaults=field_defaults(DistillConfig))
     if main:
         write_yaml(out / "config.yaml", resolved)
         write_json(out / "run.json", {"kind": "distill", "family": family, "base": config.teacher, "artifact": artifact, "distill_kind": config.kind})

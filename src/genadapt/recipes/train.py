@@ -34,7 +34,7 @@ from genadapt.recipes import (
 from genadapt.recipes import optim
 from genadapt.recipes.logging import Reporter
 from genadapt.runfolder import check_not_shorter, check_same_data, data_digest
-from genadapt.runs import check_resumable, load_checkpoint, save_torch, use_cpu, write_json, write_manifest
+from genadapt.runs import check_resumable, field_defaults, load_checkpoint, save_torch, use_cpu, write_json, write_manifest
 from genadapt.techniques import Step
 
 STATE_FILE = "checkpoints/state.pt"
@@ -307,7 +307,7 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
     resolved = {**config.resolved(), "resolution": resolution}
     if bucket_settings is not None:
         resolved.update(dict(zip(("bucket_reso_steps", "min_bucket_reso", "max_bucket_reso"), bucket_settings)))
-    check_resumable(out, STATE_FILE, resolved, ignored={"steps"})  # a longer run continues a shorter one
+    check_resumable(out, STATE_FILE, resolved, ignored={"steps"}, defaults=field_defaults(type(config)))  # a longer run continues a shorter one
     check_same_data(out, STATE_FILE, images)
     if main:
         # config.yaml with the resolution (and buckets) the run resolved from the base

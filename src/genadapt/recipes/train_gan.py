@@ -51,7 +51,7 @@ from genadapt.recipes import (
 from genadapt.recipes import optim
 from genadapt.recipes.logging import Reporter
 from genadapt.runfolder import check_not_shorter, check_same_data, data_digest
-from genadapt.runs import check_resumable, load_checkpoint, progress, save_torch, use_cpu, write_json, write_manifest
+from genadapt.runs import check_resumable, field_defaults, load_checkpoint, progress, save_torch, use_cpu, write_json, write_manifest
 from genadapt.techniques import Step
 
 STATE_FILE = "checkpoints/state.pt"
@@ -170,7 +170,7 @@ def adapt_gan(config: AdaptConfig, accelerator=None) -> dict:
     resolved = {**config.resolved(), "r1_gamma": gamma}
     for used in [technique, *(t for _, t in losses)]:
         resolved.update(getattr(used, "resolved", {}))
-    check_resumable(out, STATE_FILE, resolved, ignored={"steps"})
+    check_resumable(out, STATE_FILE, resolved, ignored={"steps"}, defaults=field_defaults(type(config)))
     check_same_data(out, STATE_FILE, images)
     if main:
         # config.yaml with the values the techniques resolved from the base (FreezeD's blocks, CDC's patch block, γ)

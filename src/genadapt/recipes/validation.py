@@ -25,10 +25,12 @@ def validation_images(config, shots, resolution: int):
     from genadapt.data import load_dataset
 
     if config.validation:
-        images = load_dataset(config.validation, resolution=resolution, fit=config.fit, background=config.background)
+        images = load_dataset(config.validation, resolution=resolution, fit=config.fit, background=config.background,
+                              caption_extension=config.caption_extension, caption_column=config.caption_column)
     else:
         whole = config.data.split("?", 1)[0]  # the pool the shots come from, not the shot subset a spec's query picks
-        pool = load_dataset(whole, resolution=resolution, fit=config.fit, background=config.background)
+        pool = load_dataset(whole, resolution=resolution, fit=config.fit, background=config.background,
+                            caption_extension=config.caption_extension, caption_column=config.caption_column)
         used = {record.sha256 for record in shots.records}
         keep = [i for i, record in enumerate(pool.records) if record.sha256 not in used][:256]
         images = pool.subset(keep) if keep else None
