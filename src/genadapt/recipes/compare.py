@@ -86,8 +86,8 @@ def adapt_config(settings: CompareConfig, technique: str, shots: int, steps: int
         # Four cheap checks a run (16 samples each) find the best step at a fraction of the training's cost.
         "validate_every": max(1, steps // 4) if settings.validate_every is None else settings.validate_every,
         "validation_samples": 16, "patience": settings.patience, "copy_ceiling": settings.copy_ceiling,
-        "fit": settings.fit, "background": settings.background, "strict": settings.strict,
-        **({"caption": settings.caption, "caption_extension": settings.caption_extension, "caption_column": settings.caption_column} if family == "diffusion" else {}),
+        **reading(settings),  # a GAN's caption flags are their defaults here (CompareConfig refuses others)
+        **({"caption": settings.caption} if family == "diffusion" else {}),
         **family_module(family).COMPARE,
         **techniques.compare_presets(family)[technique],
     }

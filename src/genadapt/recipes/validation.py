@@ -24,13 +24,13 @@ def validation_images(config, shots, resolution: int):
     """`--validation`, else the images of `--data` that are not among the run's shots (at most 256)."""
     from genadapt.data import load_dataset
 
+    reading = dict(resolution=resolution, fit=config.fit, background=config.background,
+                   caption_extension=config.caption_extension, caption_column=config.caption_column)
     if config.validation:
-        images = load_dataset(config.validation, resolution=resolution, fit=config.fit, background=config.background,
-                              caption_extension=config.caption_extension, caption_column=config.caption_column)
+        images = load_dataset(config.validation, **reading)
     else:
         whole = config.data.split("?", 1)[0]  # the pool the shots come from, not the shot subset a spec's query picks
-        pool = load_dataset(whole, resolution=resolution, fit=config.fit, background=config.background,
-                            caption_extension=config.caption_extension, caption_column=config.caption_column)
+        pool = load_dataset(whole, **reading)
         used = {record.sha256 for record in shots.records}
         keep = [i for i, record in enumerate(pool.records) if record.sha256 not in used][:256]
         images = pool.subset(keep) if keep else None
