@@ -43,6 +43,8 @@ def techniques_table(results: dict) -> str:
                 f"| {row['trainable_parameters']:,} | {row['cpu_minutes']:.2f} |"
             )
         lines.append(f"| base (unadapted) | {shots} | {advice['base_kid']:.3f} | | {advice['base_diversity']:.3f} | | | | 0 | |")
+        if advice.get("target_diversity") is not None:  # the diversity floor's yardstick
+            lines.append(f"| held-out target images (real) | {shots} | | | {advice['target_diversity']:.3f} | | | | | |")
     return "\n".join(lines)
 
 

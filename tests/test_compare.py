@@ -273,3 +273,50 @@ def test_the_tie_break_keeps_a_technique_that_beats_the_base_over_a_cheaper_one_
     assert advice["techniques"]["embedding"]["vs_base"]["ci_high"] >= 0 > advice["techniques"]["lora"]["vs_base"]["ci_high"]
     assert "embedding" in advice["tied_with"] or advice["fidelity_winner"] == "embedding"
     assert advice["technique"] == "lora" and advice["beats_base"]
+
+
+def _diversity_advice(tmp_path, target_diversity, base_diversity=0.40):
+    """The rule on fixed evaluations: the base generates a diverse other domain (0.40), the real target is less diverse."""
+    import torch
+
+    from genadapt.recipes.compare import recommend
+
+    torch.manual_seed(0)
+    n, dim = 48, 16
+    features = {"reference": torch.randn(200, dim), "base-r0": torch.randn(n, dim) + 2.0}
+    diversity = {"full": 0.15, "freeze": 0.05}
+    for name in diversity:
+        features[f"{name}-10shot-r0"] = torch.randn(n, dim)
+    runs = {f"{name}-10shot-r0": {"evaluation": {"memorisation": {"copy_rate": 0.0}, "intra_cluster_diversity": {"value": value}},
+                                  "trainable_parameters": 1, "cpu_minutes": 1.0, "learning_rate": 1e-3, "artifact_bytes": 1000}
+            for name, value in diversity.items()}
+    base_evaluation = {"memorisation": {"copy_rate": 0.0}, "intra_cluster_diversity": {"value": base_diversity},
+                       "reference_diversity": {"value": target_diversity}}
+    runs["base-10shot-r0"] = {"evaluation": base_evaluation}
+    plan = ComparePlan(["full", "freeze"], [10], 1, {}, 0.0, runs=list(runs)[:2], replicates=1)
+    settings = CompareSettings(base="pocket-stylegan2", data="builtin:openmoji/flags", out=tmp_path, shots=[10], techniques=["full", "freeze"],
+                               steps=1, samples=n, replicates=1, lr_probe=1)
+    return recommend({"runs": runs}, plan, settings, features)[0]
+
+
+def test_the_diversity_floor_is_measured_against_the_target_not_the_base(tmp_path):
+    # Half the base's 0.40 would disqualify full (0.15), as diverse as the real target (0.14): the floor is 0.5 x 0.14.
+    advice = _diversity_advice(tmp_path, 0.14)
+    assert advice["target_diversity"] == 0.14 and advice["rule"]["diversity_yardstick"] == "target"
+    assert advice["techniques"]["full"]["disqualified"] == []
+    assert advice["techniques"]["freeze"]["disqualified"] == ["diversity 0.050 is below 0.5x the held-out target images' 0.140"]
+    assert advice["technique"] == "full"
+
+
+def test_the_diversity_floor_falls_back_to_the_base_when_the_reference_forms_no_cluster(tmp_path):
+    advice = _diversity_advice(tmp_path, float("nan"))
+    assert advice["target_diversity"] is None and advice["rule"]["diversity_yardstick"] == "base"
+    assert advice["techniques"]["full"]["disqualified"] == ["diversity 0.150 is below 0.5x the base's 0.400"]
+
+
+def test_a_base_less_diverse_than_the_target_sets_the_floor(tmp_path):
+    # A blurry base (0.12) cannot reach the real target's 0.40: half the base's, not the target's, is the floor.
+    advice = _diversity_advice(tmp_path, 0.40, base_diversity=0.12)
+    assert advice["rule"]["diversity_yardstick"] == "base"
+    assert advice["techniques"]["full"]["disqualified"] == []
+    assert advice["techniques"]["freeze"]["disqualified"] == ["diversity 0.050 is below 0.5x the base's 0.120"]

@@ -65,3 +65,14 @@ def test_cli_evaluate_on_folders(tmp_path):
     assert "copy rate" in result.output and json.loads((tmp_path / "eval" / "metrics.json").read_text())["memorisation"]["copy_rate"] == 1.0
     missing = CliRunner().invoke(app, ["evaluate", "--samples", str(tmp_path / "samples"), "--reference", "builtin:digits/5", "--inception-weights", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "e2")])
     assert missing.exit_code == 2 and "pt_inception" in missing.output
+
+
+def test_the_reference_diversity_is_the_sample_diversity_of_the_real_images():
+    # The target's own diversity around the shots: scoring the reference as if it were the samples gives the same number.
+    reference = load_dataset("builtin:digits/3", resolution=32)
+    shots = load_dataset("builtin:digits/3?shots=5&seed=0", resolution=32)
+    copies = shots.subset([i % 5 for i in range(40)], name="copies")
+    as_samples = evaluate(reference, reference, shots, features=_fixed_extractor())
+    collapsed = evaluate(copies, reference, shots, features=_fixed_extractor())
+    assert as_samples["reference_diversity"]["value"] == as_samples["intra_cluster_diversity"]["value"] > 0.01
+    assert collapsed["reference_diversity"] == as_samples["reference_diversity"]  # a property of the data, not the samples

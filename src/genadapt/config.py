@@ -475,7 +475,7 @@ class CompareConfig(BaseModel):
     samples: int = setting(64, "Generated images per run for evaluation.", ge=4)
     replicates: int = setting(3, "Runs per technique and shot count, each with its own seed (and k-shot draw where the pool allows); the budget may lower it.", ge=1)
     copy_ceiling: float = setting(0.05, "Disqualify a technique whose mean copy rate exceeds this.", ge=0, le=1)
-    diversity_floor: float = setting(0.5, "Disqualify a technique whose intra-cluster diversity is below this times the base's.", ge=0)
+    diversity_floor: float = setting(0.5, "Disqualify a technique whose intra-cluster diversity is below this times the lesser of the held-out target images' own and the base's.", ge=0)
     seed: int = setting(0, "Seed for shots, training and sampling.", ge=0, lt=2**63)
     caption: str | None = setting(None, "Prompt for images without a caption of their own.", DIFFUSION)
     caption_extension: str = setting(".txt", "Sidecar caption extension, kohya's NAME.txt beside NAME.png.", DIFFUSION)

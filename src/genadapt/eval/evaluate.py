@@ -73,6 +73,10 @@ def evaluate(
         result["train"] = {"name": train_set.name, "count": len(train_set)}
         diversity = metrics.intra_cluster_diversity(feats_samples, feats_train, distance="cosine", space=space)
         result["intra_cluster_diversity"] = {k: v for k, v in diversity.items() if k not in ("nearest_shot", "nn_distance")}
+        # The same measure on real target images: how diverse the domain itself is around these shots, the yardstick
+        # for "collapsed" (compare's diversity floor); a base trained elsewhere can be far more diverse than the target.
+        real = metrics.intra_cluster_diversity(feats_reference, feats_train, distance="cosine", space=space)
+        result["reference_diversity"] = {k: real[k] for k in ("value", "std", "n_clusters_used", "cluster_sizes")}
         audit = memorisation_audit(sample_set, train_set, feats_samples, feats_train, reference=reference_set, reference_feats=feats_reference)
         result["memorisation"] = {
             "rule": audit["rule"],
@@ -139,6 +143,8 @@ def rows(result: dict) -> list[tuple[str, str]]:
     if "memorisation" in result:
         diversity = result["intra_cluster_diversity"]
         table.append((f"intra-cluster diversity ({diversity['distance_name']})", f"{diversity['value']:.4f}"))
+        if "reference_diversity" in result:
+            table.append(("the same on the reference (the target's own diversity around these shots)", f"{result['reference_diversity']['value']:.4f}"))
         if "intra_cluster_lpips" in result:
             perceptual = result["intra_cluster_lpips"]
             resized = f"{perceptual['size']} px" if perceptual["size"] else "native size"

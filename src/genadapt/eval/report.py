@@ -292,7 +292,7 @@ in the feature space <code>{html.escape(results['runs']['base']['evaluation']['f
 <h2>Paired evidence</h2><table><tr><th>shots</th><th>KID difference</th><th>95% CI (paired, pooled over replicates)</th><th>smallest detectable (80% power)</th><th></th></tr>{''.join(evidence)}</table>
 <p><small>KID: lower is better. Every technique of one replicate is sampled from the same seeds and scored on the same reference half-samples, so differences are paired;
 a difference whose interval excludes 0 is a win. Rule: disqualified above {settings.get('copy_ceiling', 0.05):.0%} copies or below
-{settings.get('diversity_floor', 0.5):g}x the base's diversity; lowest KID wins; ties go to the smallest artifact, then fewest CPU-minutes.
+{settings.get('diversity_floor', 0.5):g}x the lesser of the held-out target images' own diversity around the same shots and the base's; lowest KID wins; ties go to the smallest artifact, then fewest CPU-minutes.
 Diversity: mean pairwise cosine distance of samples assigned to the same shot (CDC protocol, in the eval encoder's space). Copy rate: see docs/evaluation.md.</small></p>
 {probe_section}
 {''.join(sections)}
