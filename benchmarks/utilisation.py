@@ -224,7 +224,7 @@ def main() -> None:
             print(f"{name}: {row['gflop_per_step']:.2f} GFLOP/step, bare {bare * 1000:.0f} ms/step, loop {loop['seconds_per_step'] * 1000:.0f} ms/step",
                   file=sys.stderr, flush=True)
 
-    print(f"\npocket-sd, batch {batch}, {args.threads} thread(s); peak {peak:.1f} GFLOP/s (fp32 mm {size}x{size}, best of {repeats})\n")
+    print(f"\npocket-sd, batch {batch}, {args.threads} thread(s), {torch.backends.cpu.get_cpu_capability()}; peak {peak:.1f} GFLOP/s (fp32 mm {size}x{size}, best of {repeats})\n")
     print("| technique | GFLOP/step (fwd+bwd) | bare ms/step | bare GFLOP/s | of peak | loop ms/step | loop GFLOP/s | of peak |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows_out:
@@ -241,6 +241,7 @@ def main() -> None:
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {cores} cores usable",
         "command": "python benchmarks/utilisation.py " + " ".join(sys.argv[1:]),
         "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # AVX2 and AVX512 hosts differ 2x in oneDNN convolutions
         "peak": {str(k): v for k, v in peaks.items()}, "peak_gflops_at_threads": peak,
         "rows": rows_out,
         "notes": "FLOPs: FlopCounterMode over one forward+backward (matmul/conv/bmm only; SDPA counted through the math kernel); "
