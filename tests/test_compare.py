@@ -275,7 +275,7 @@ def test_the_tie_break_keeps_a_technique_that_beats_the_base_over_a_cheaper_one_
     assert advice["technique"] == "lora" and advice["beats_base"]
 
 
-def _diversity_advice(tmp_path, target_diversity, base_diversity=0.40):
+def _diversity_advice(tmp_path, target_diversity, base_diversity=0.40, drop_reference=False):
     """The rule on fixed evaluations: the base generates a diverse other domain (0.40), the real target is less diverse."""
     import torch
 
@@ -292,6 +292,8 @@ def _diversity_advice(tmp_path, target_diversity, base_diversity=0.40):
             for name, value in diversity.items()}
     base_evaluation = {"memorisation": {"copy_rate": 0.0}, "intra_cluster_diversity": {"value": base_diversity},
                        "reference_diversity": {"value": target_diversity}}
+    if drop_reference:  # an eval.json written before reference_diversity existed
+        del base_evaluation["reference_diversity"]
     runs["base-10shot-r0"] = {"evaluation": base_evaluation}
     plan = ComparePlan(["full", "freeze"], [10], 1, {}, 0.0, runs=list(runs)[:2], replicates=1)
     settings = CompareSettings(base="pocket-stylegan2", data="builtin:openmoji/flags", out=tmp_path, shots=[10], techniques=["full", "freeze"],
@@ -320,3 +322,13 @@ def test_a_base_less_diverse_than_the_target_sets_the_floor(tmp_path):
     assert advice["rule"]["diversity_yardstick"] == "base"
     assert advice["techniques"]["full"]["disqualified"] == []
     assert advice["techniques"]["freeze"]["disqualified"] == ["diversity 0.050 is below 0.5x the base's 0.120"]
+
+
+def test_the_floor_holds_when_one_yardstick_is_missing(tmp_path):
+    # The base formed no cluster (NaN): the target's diversity still sets the floor, and the reverse.
+    advice = _diversity_advice(tmp_path, 0.14, base_diversity=float("nan"))
+    assert advice["rule"]["diversity_yardstick"] == "target"
+    assert advice["techniques"]["freeze"]["disqualified"] == ["diversity 0.050 is below 0.5x the held-out target images' 0.140"]
+    resumed = _diversity_advice(tmp_path, 0.14, drop_reference=True)
+    assert resumed["target_diversity"] is None and resumed["rule"]["diversity_yardstick"] == "base"
+    assert resumed["techniques"]["full"]["disqualified"] == ["diversity 0.150 is below 0.5x the base's 0.400"]

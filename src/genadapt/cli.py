@@ -262,7 +262,7 @@ def demo(
     _set_threads(threads)
     folder = out / ("quick" if quick else "full")
     # Fixed step counts, not a time budget: the demo gives the same numbers on every machine
-    # (the full demo: 42-55 minutes on 2 cores, docs/benchmarks.md; --quick: about 2).
+    # (the full demo: 42-75 minutes on 2 cores, docs/benchmarks.md; --quick: about 2).
     plans = {
         "pocket-sd": (["lora", "embedding"], 150) if quick else (["lora", "embedding", "freeze", "full", "ewc"], 400),
         # 2,000 GAN steps: at 500 and 1,000 the pocket GAN's samples still show the source's faces (docs/benchmarks.md).

@@ -123,6 +123,18 @@ def _size(n: int | None) -> str:
         n /= 1024
 
 
+def _yardsticks(results: dict) -> str:
+    """Which diversity set each shot count's floor, as results.json records it."""
+    parts = []
+    for advice in results.get("recommendation", []):
+        rule = advice.get("rule", {})
+        if "diversity_yardstick" not in rule:
+            continue
+        value = advice["target_diversity"] if rule["diversity_yardstick"] == "target" else advice["base_diversity"]
+        parts.append(f"{advice['shots']} shot(s): the {'target' if rule['diversity_yardstick'] == 'target' else 'base'}'s {value:.3f}")
+    return f" (here: {'; '.join(parts)})" if parts else ""
+
+
 def _delta(result: dict) -> str:
     return f"{result['difference']:+.4f} [{result['ci_low']:+.4f}, {result['ci_high']:+.4f}]"
 
@@ -292,7 +304,7 @@ in the feature space <code>{html.escape(results['runs']['base']['evaluation']['f
 <h2>Paired evidence</h2><table><tr><th>shots</th><th>KID difference</th><th>95% CI (paired, pooled over replicates)</th><th>smallest detectable (80% power)</th><th></th></tr>{''.join(evidence)}</table>
 <p><small>KID: lower is better. Every technique of one replicate is sampled from the same seeds and scored on the same reference half-samples, so differences are paired;
 a difference whose interval excludes 0 is a win. Rule: disqualified above {settings.get('copy_ceiling', 0.05):.0%} copies or below
-{settings.get('diversity_floor', 0.5):g}x the lesser of the held-out target images' own diversity around the same shots and the base's; lowest KID wins; ties go to the smallest artifact, then fewest CPU-minutes.
+{settings.get('diversity_floor', 0.5):g}x the lesser of the held-out target images' own diversity around the same shots and the base's{_yardsticks(results)}; lowest KID wins; ties go to the smallest artifact, then fewest CPU-minutes.
 Diversity: mean pairwise cosine distance of samples assigned to the same shot (CDC protocol, in the eval encoder's space). Copy rate: see docs/evaluation.md.</small></p>
 {probe_section}
 {''.join(sections)}

@@ -495,6 +495,11 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+def _usable(value) -> float | None:
+    """A diversity that can be a yardstick: a finite positive number (NaN when no cluster had two members)."""
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) and value > 0 else None
+
+
 def recommend(results: dict, plan: ComparePlan, settings: CompareConfig, features: dict) -> list[dict]:
     """Per shot count, the declared rule of the module docstring, with its evidence."""
     from genadapt.eval.paired import PairedKID, pooled_difference
@@ -519,10 +524,13 @@ def recommend(results: dict, plan: ComparePlan, settings: CompareConfig, feature
         # can be more diverse than the target can be (the pocket GAN's emoji: 0.40 against real flags' 0.13-0.16), and half
         # of it would disqualify a perfect generator of the target; a base less diverse than the target (blurrier, smaller)
         # bounds what any of its adaptations can reach.
-        real = [b["evaluation"].get("reference_diversity", {}).get("value", float("nan")) for b in base_runs]
-        target_diversity = _mean(real) if real and all(math.isfinite(v) and v > 0 for v in real) else None
-        use_target = target_diversity is not None and (base_diversity <= 0 or target_diversity <= base_diversity)
-        yardstick = (target_diversity, "the held-out target images'") if use_target else (base_diversity, "the base's")
+        # A base eval.json from before reference_diversity existed (a resumed compare) has none: the base's is used, and said.
+        real = [_usable((b["evaluation"].get("reference_diversity") or {}).get("value")) for b in base_runs]
+        real = [v for v in real if v is not None]
+        target_diversity = _mean(real) if real else None
+        usable_base = _usable(base_diversity)
+        use_target = target_diversity is not None and (usable_base is None or target_diversity <= usable_base)
+        yardstick = (target_diversity, "the held-out target images'") if use_target else (usable_base or 0.0, "the base's")
 
         def paired(a: str, b: str | None) -> dict:
             reps = sorted(set(scores[a]) & (set(scores[b]) if b else set(base_scores)))
