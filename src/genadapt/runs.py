@@ -114,8 +114,6 @@ def load_torch(path: Path) -> dict:
 
 def field_defaults(model) -> dict:
     """A settings model's defaults, as config.yaml records values (paths as strings)."""
-    import json
-
     return {name: json.loads(json.dumps(field.get_default(call_default_factory=True), default=str))
             for name, field in model.model_fields.items() if not field.is_required()}
 

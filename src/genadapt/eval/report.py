@@ -127,11 +127,9 @@ def _yardsticks(results: dict) -> str:
     """Which diversity set each shot count's floor, as results.json records it."""
     parts = []
     for advice in results.get("recommendation", []):
-        rule = advice.get("rule", {})
-        if "diversity_yardstick" not in rule:
-            continue
-        value = advice["target_diversity"] if rule["diversity_yardstick"] == "target" else advice["base_diversity"]
-        parts.append(f"{advice['shots']} shot(s): the {'target' if rule['diversity_yardstick'] == 'target' else 'base'}'s {value:.3f}")
+        kind = advice.get("rule", {}).get("diversity_yardstick")
+        if kind is not None:
+            parts.append(f"{advice['shots']} shot(s): the {kind}'s {advice[f'{kind}_diversity']:.3f}")
     return f" (here: {'; '.join(parts)})" if parts else ""
 
 
