@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/adaptation_quality.py extra    # controls: TI variants, CDC at 2e-3, a 2,000-step TGAN/CDC (~25 min)
     .venv/bin/python benchmarks/adaptation_quality.py score    # style-aware scores, tables, grids (~10 min)
     .venv/bin/python benchmarks/adaptation_quality.py tables   # the tables again from the results file
+    .venv/bin/python benchmarks/adaptation_quality.py ti       # textual inversion: --token-position, --max-norm (~14 min)
 
 `run` runs `genadapt compare` on 10 shots of both OpenMoji target domains (flags: far, dark-skin: near) for pocket-sd
 (its five default techniques, 400 steps) and pocket-stylegan2 (TGAN, FreezeD, the MineGAN miner, EWC and CDC: the
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -107,6 +109,41 @@ def extra(jobs: int) -> None:
         compare(CompareConfig(base="pocket-stylegan2", data=f"builtin:openmoji/{domain}", reference=f"builtin:openmoji/{domain}/reference",
                               out=out, shots=[10], samples=64, lr_probe=1, jobs=jobs, min_steps=50, probe_steps=2, **plan))
         print(f"{out.name}: {(time.time() - started) / 60:.1f} min", flush=True)
+
+
+TI_VARIANTS = {  # --token-position and --max-norm on the unseen-content test (2 vectors, the centroid start, last step)
+    "start (as compare)": ["--learning-rate", "5e-3"],
+    "end": ["--token-position", "end", "--learning-rate", "5e-3"],
+    "end, lr 1e-3": ["--token-position", "end", "--learning-rate", "1e-3"],
+    "end, lr 3e-4": ["--token-position", "end", "--learning-rate", "3e-4"],
+    "end, max-norm 0.5": ["--token-position", "end", "--learning-rate", "5e-3", "--max-norm", "0.5"],
+}
+
+
+def ti_position(jobs: int) -> None:
+    """Where the placeholder joins the caption, and how long its vectors may grow: each TI_VARIANTS entry on both
+    domains, 3 seeds (10 shots, 400 steps), scored by `unseen_content` (~6 min of training, ~8 of scoring)."""
+    import subprocess
+    import sys
+
+    results = {}
+    for name, flags in TI_VARIANTS.items():
+        for domain in DOMAINS:
+            runs = [OUT / "ti-position" / f"{domain}-{re.sub(r'[^a-z0-9.]+', '-', name)}-s{seed}" for seed in range(3)]
+            commands = [[sys.executable, "-m", "genadapt", "adapt", "--base", "pocket-sd", "--data", f"builtin:openmoji/{domain}?shots=10&seed={seed}",
+                         "--seed", str(seed), "--train", "embedding", "--token", "<target>", "--vectors", "2", "--steps", "400", *flags, "--out", str(run)]
+                        for seed, run in enumerate(runs) if not (run / "summary.json").is_file()]
+            for start in range(0, len(commands), jobs):
+                for process in [subprocess.Popen(c, stdout=subprocess.DEVNULL) for c in commands[start:start + jobs]]:
+                    if process.wait() != 0:
+                        raise SystemExit(f"failed ({process.returncode}): {' '.join(process.args)}")
+            settings = {"base": "pocket-sd", "data": f"builtin:openmoji/{domain}", "reference": f"builtin:openmoji/{domain}/reference",
+                        "seed": 0, "sample_steps": 25}
+            results[f"{domain}: {name}"], _ = unseen_content(runs, settings)
+            u = results[f"{domain}: {name}"]
+            print(f"| {domain} | {name} | {u['embedding']['style_kid']:.3f} | {_ci(u['style_vs_base'])} | {u['embedding']['group']:.0%} "
+                  f"(base {u['base']['group']:.0%}) | {u['embedding']['own_in_top5']:.0%} (base {u['base']['own_in_top5']:.0%}) |", flush=True)
+    (ROOT / "benchmarks" / "results" / "ti_position.json").write_text(json.dumps(results, indent=1))
 
 
 def _style_scores(path: Path, results: dict, extractor, reference_features) -> dict:
@@ -308,13 +345,15 @@ def score() -> None:
 UNSEEN_PROMPTS = 64
 
 
-def _placeholder(run: Path) -> str:
-    """The words a textual-inversion run puts before each caption (its prompts.json against its manifest's captions)."""
+def _placeholder(run: Path) -> tuple[str, str]:
+    """The words a textual-inversion run puts before and after each caption (its prompts.json against its
+    manifest's captions)."""
     prompts = json.loads((run / "prompts.json").read_text())
     captions = [item["caption"] for item in json.loads((run / "manifest.json").read_text())["data"]["train"]["items"]]
-    if not prompts[0].endswith(captions[0]):
-        raise SystemExit(f"{run}: its prompts do not end with its captions (trained on templates?); the content test needs caption-keeping runs")
-    return prompts[0][: len(prompts[0]) - len(captions[0])]
+    at = prompts[0].find(captions[0])
+    if at < 0:
+        raise SystemExit(f"{run}: its prompts do not contain its captions (trained on templates?); the content test needs caption-keeping runs")
+    return prompts[0][:at], prompts[0][at + len(captions[0]):]
 
 
 def unseen_content(runs: list[Path], settings: dict) -> tuple[dict, dict]:
@@ -324,8 +363,11 @@ def unseen_content(runs: list[Path], settings: dict) -> tuple[dict, dict]:
 
     Style: KID to the target's reference in the style blocks of the style space only (its content half dropped),
     paired with the unadapted base on the same prompts and seeds, pooled over the runs. Content, in the eval
-    encoder's space against the 313 held-out source images the prompts came from: how often a sample's nearest image
-    is of the prompt's own group (23 OpenMoji groups), and how often the prompt's own image is among its 5 nearest.
+    encoder's space against the 313 held-out source images the prompts came from plus every image of the target
+    (its train and reference splits): how often a sample's nearest image is of the prompt's own group (OpenMoji's
+    folders, the people ones merged across skin tones), and how often the prompt's own emoji, in any skin tone, is
+    among its 5 nearest (31 of the 64 prompts have their dark-skin variant in the dark-skin target: the
+    prompt-matched reference of a person redrawn in the target's tone).
     """
     import numpy as np
     import torch
@@ -335,37 +377,42 @@ def unseen_content(runs: list[Path], settings: dict) -> tuple[dict, dict]:
     from genadapt.eval.paired import PairedKID, pooled_difference
     from genadapt.models import load_base, load_run, sample
 
-    pool = load_dataset("builtin:openmoji/source/reference", resolution=32)
-    chosen = np.random.default_rng(0).permutation(len(pool))[:UNSEEN_PROMPTS]
-    captions = [pool.records[i].caption for i in chosen]
-    groups = np.array([record.label.split("/")[-1] for record in pool.records])
+    source = load_dataset("builtin:openmoji/source/reference", resolution=32)
+    chosen = np.random.default_rng(0).permutation(len(source))[:UNSEEN_PROMPTS]
+    captions = [source.records[i].caption for i in chosen]
+    target = [load_dataset(settings["data"].split("?")[0] + split, resolution=32) for split in ("", "/reference")]
+    records = [record for dataset in (source, *target) for record in dataset.records]
+    # The people folders are split by skin tone (people-light, ..., people-dark): one group here, or a person
+    # redrawn in the target's tone would count as a change of content.
+    groups = np.array([re.sub(r"^people-.*", "people", record.label.split("/")[-1]) for record in records])
+    untoned = re.compile(r"\s*\b(light|medium-light|medium|medium-dark|dark) skin tone\b")
+    emoji = np.array([" ".join(untoned.sub("", record.caption).split()) for record in records])
     pocket, style = get_extractor("pocket"), get_extractor("style")
     style_only = torch.cat([torch.arange(s.start, s.stop) for name, s in style.block_slices.items() if name != "content"])
-    pool_features = torch.nn.functional.normalize(cached_features(pocket, pool, progress=False).float(), dim=1)
+    pool_features = torch.nn.functional.normalize(torch.cat([cached_features(pocket, d, progress=False).float() for d in (source, *target)]), dim=1)
     reference = cached_features(style, load_dataset(settings["reference"], resolution=32), progress=False).float()[:, style_only]
 
     def content(images: torch.Tensor) -> dict:
         features = torch.nn.functional.normalize(cached_features(pocket, images, progress=False).float(), dim=1)
-        order = (features @ pool_features.T).argsort(dim=1, descending=True)
-        nearest_group = groups[order[:, 0].numpy()]
-        return {"group": float(np.mean(nearest_group == groups[chosen])),
-                "own_in_top5": float(np.mean([chosen[i] in order[i, :5].tolist() for i in range(len(chosen))]))}
+        order = (features @ pool_features.T).argsort(dim=1, descending=True).numpy()
+        return {"group": float(np.mean(groups[order[:, 0]] == groups[chosen])),
+                "own_in_top5": float(np.mean([emoji[chosen[i]] in emoji[order[i, :5]] for i in range(len(chosen))]))}
 
     base_model = load_base(settings["base"])
     sides = {side: {"style": [], "group": [], "own_in_top5": []} for side in ("base", "embedding")}
     grids = {}
     for index, run in enumerate(runs):
         seed = settings["seed"] + index
-        prefix = _placeholder(run)
+        prefix, suffix = _placeholder(run)
         scorer = PairedKID(reference, UNSEEN_PROMPTS, seed=seed)
-        for side, model, prompts in (("base", base_model, captions), ("embedding", load_run(run), [prefix + c for c in captions])):
+        for side, model, prompts in (("base", base_model, captions), ("embedding", load_run(run), [prefix + c + suffix for c in captions])):
             images = sample(model, UNSEEN_PROMPTS, seed, prompts, steps=settings.get("sample_steps"), progress=True)
             scores = scorer.scores(cached_features(style, images, progress=False).float()[:, style_only])
             sides[side]["style"].append(scores)
             for key, value in content(images).items():
                 sides[side][key].append(value)
             grids.setdefault(side, images)
-    out = {"prompts": captions, "prefix_example": prefix, "runs": [str(run) for run in runs]}
+    out = {"prompts": captions, "prefix_example": prefix, "suffix_example": suffix, "runs": [str(run) for run in runs]}
     for side, values in sides.items():
         out[side] = {"style_kid": float(np.mean([full for full, _ in values["style"]])),
                      **{key: float(np.mean(values[key])) for key in ("group", "own_in_top5")}}
@@ -401,7 +448,7 @@ def markdown(table: dict) -> str:
 
 def unseen_markdown(table: dict) -> str:
     u = table["unseen_content"]
-    return (f"Textual inversion ({table['domain']}) on {UNSEEN_PROMPTS} held-out source prompts, e.g. `{u['prefix_example']}{u['prompts'][0]}`:\n\n"
+    return (f"Textual inversion ({table['domain']}) on {UNSEEN_PROMPTS} held-out source prompts, e.g. `{u['prefix_example']}{u['prompts'][0]}{u.get('suffix_example', '')}`:\n\n"
             "| prompts | style-block KID to the target | Δ vs base [95% CI] | nearest image of the prompt's group | prompt's own image in top 5 |\n|---|---|---|---|---|\n"
             f"| base, caption only | {u['base']['style_kid']:.3f} | | {u['base']['group']:.0%} | {u['base']['own_in_top5']:.0%} |\n"
             f"| textual inversion, placeholder + caption | {u['embedding']['style_kid']:.3f} | {_ci(u['style_vs_base'])} | "
@@ -412,16 +459,18 @@ def unseen_markdown(table: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("phase", choices=["run", "extra", "score", "tables"])
-    parser.add_argument("--jobs", type=int, default=None, help="run, extra: runs at a time  [default: 2]")
+    parser.add_argument("phase", choices=["run", "extra", "score", "tables", "ti"])
+    parser.add_argument("--jobs", type=int, default=None, help="run, extra, ti: runs at a time  [default: 2]")
     args = parser.parse_args()
-    if args.jobs is not None and args.phase not in ("run", "extra"):
-        parser.error(f"--jobs applies to run and extra, not {args.phase}")
+    if args.jobs is not None and args.phase not in ("run", "extra", "ti"):
+        parser.error(f"--jobs applies to run, extra and ti, not {args.phase}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.phase == "run":
         run(args.jobs or 2)
     elif args.phase == "extra":
         extra(args.jobs or 2)
+    elif args.phase == "ti":
+        ti_position(args.jobs or 2)
     elif args.phase == "tables":  # the markdown again from adaptation_quality.json, without rescoring
         for table in json.loads((ROOT / "benchmarks" / "results" / "adaptation_quality.json").read_text())["tables"].values():
             print(markdown(table) + (long_markdown(table["long"]) if "long" in table else "") + (unseen_markdown(table) if "unseen_content" in table else ""))

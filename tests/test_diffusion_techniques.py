@@ -209,3 +209,44 @@ def test_a_flip_run_trains_on_both_orientations(base, tmp_path):
     _run(base, tmp_path / "flip", train="lora", steps=1, augment="flip")
     summary = json.loads((tmp_path / "flip" / "summary.json").read_text())
     assert summary["train_variants"] == 2 * summary["train_images"] and "augment: flip" in (tmp_path / "flip" / "config.yaml").read_text()
+
+
+def test_placeholder_at_the_end_leaves_the_captions_own_encoding_unchanged(base):
+    """In a causal text encoder, words before the placeholder are encoded as if it were absent; words after it are not."""
+    from genadapt.techniques.embedding import EmbeddingSettings, TextualInversion
+
+    change = {}
+    for position, expected in (("end", "a digit <t> <t>_1"), ("start", "<t> <t>_1 a digit")):
+        model = diffusion.load(base)
+        technique = TextualInversion(EmbeddingSettings(token="<t>", vectors=2, token_position=position))
+        technique.prepare(model)
+        assert technique.caption("a digit") == expected
+        tokenizer, encoder = model.text_encoders[0]
+        ids = tokenizer(expected, return_tensors="pt").input_ids
+        words = tokenizer("a digit", add_special_tokens=False).input_ids
+        at = 1 if position == "end" else 3  # after the start token (and, at the start, the 2 placeholder vectors)
+        assert ids[0, at: at + len(words)].tolist() == words
+        states = []
+        for seed in (0, 1):
+            with torch.no_grad():  # random rows: a constant one is erased by the encoder's layer norm
+                rows = encoder.get_input_embeddings().rows
+                rows.copy_(torch.randn(rows.shape, generator=torch.Generator().manual_seed(seed)))
+                states.append(encoder(ids).last_hidden_state[0, at: at + len(words)])
+        change[position] = float((states[0] - states[1]).abs().max())
+    assert change["end"] == 0.0  # the caption's words never see the placeholder
+    assert change["start"] > 1e-5  # read after it, they change with it
+
+
+def test_max_norm_caps_the_vectors_the_encoder_reads_and_saves():
+    from genadapt.techniques.embedding import PlaceholderRows
+
+    table = torch.nn.Embedding(10, 4)
+    rows = PlaceholderRows(table, [8, 9], max_norm=0.5)
+    with torch.no_grad():
+        rows.rows.copy_(torch.tensor([[3.0, 4.0, 0.0, 0.0], [0.1, 0.0, 0.0, 0.0]]))
+    read = rows(torch.tensor([[8, 9]]))[0]
+    torch.testing.assert_close(read[0], torch.tensor([0.3, 0.4, 0.0, 0.0]))  # scaled back onto the radius, direction kept
+    torch.testing.assert_close(read[1], torch.tensor([0.1, 0.0, 0.0, 0.0]))  # a shorter row is untouched
+    torch.testing.assert_close(rows.weight[8], read[0])
+    read.sum().backward()
+    assert abs(float(rows.rows.grad[0] @ rows.rows[0].detach())) < 1e-6  # at the cap, no gradient pushes it outward

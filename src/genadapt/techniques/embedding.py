@@ -51,18 +51,22 @@ class EmbeddingSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     learnable_property: Literal["object", "style"] | None = setting(None, "Train on textual inversion's prompt templates instead of the captions (diffusers' --learnable_property): object 'a photo of a {}', style 'a painting in the style of {}'; one template per image.")
     token: str = setting("<genadapt>", "--train embedding: the new token.", aliases=("--placeholder-token",), min_length=1)
+    token_position: Literal["start", "end"] = setting("start", "Where the placeholder joins a caption that lacks it: start ('<t> a flag of France'), or end, where a causal text encoder (CLIP) encodes the caption's own words exactly as without it (on unseen-content prompts it kept more content and added more of the target's style: docs/benchmarks.md).")
     init_token: str | None = setting(None, "Word to start the embedding from (else the mean of the vocabulary).", aliases=("--initializer-token",))
     vectors: int = setting(1, "Embedding vectors per token.", ge=1, le=75, aliases=("--num-vectors",))
+    max_norm: float | None = setting(None, "Cap each learned vector's L2 norm at this multiple of the vocabulary's mean word norm (1: a typical word's), so the placeholder cannot drown the prompt's other words.", gt=0)
 
 
 class PlaceholderRows(nn.Module):
     """A token embedding whose placeholder rows are trained apart from the frozen table: ids in `token_ids` read
-    `rows` (fp32, what the optimiser holds), every other id reads the table."""
+    `rows` (fp32, what the optimiser holds), every other id reads the table. With `max_norm`, a row longer than it
+    is read scaled back onto that radius (a projection inside the forward, so gradients see the cap)."""
 
-    def __init__(self, table: nn.Embedding, token_ids: list[int]):
+    def __init__(self, table: nn.Embedding, token_ids: list[int], max_norm: float | None = None):
         super().__init__()
         self.table = table.requires_grad_(False)
         self.rows = nn.Parameter(table.weight.detach()[token_ids].float().clone())
+        self.max_norm = max_norm
         lookup = torch.full((table.num_embeddings,), -1, dtype=torch.long)
         lookup[token_ids] = torch.arange(len(token_ids))
         self.register_buffer("lookup", lookup.to(table.weight.device), persistent=False)
@@ -71,14 +75,20 @@ class PlaceholderRows(nn.Module):
     def weight(self) -> Tensor:
         """The table with the current rows written in: what a reader of `get_input_embeddings().weight` expects."""
         weight = self.table.weight.detach().clone()
-        weight[self.lookup >= 0] = self.rows.detach().to(weight.dtype)
+        weight[self.lookup >= 0] = self.vectors().detach().to(weight.dtype)
         return weight
+
+    def vectors(self) -> Tensor:
+        """The rows as the text encoder reads them: capped at `max_norm`."""
+        if self.max_norm is None:
+            return self.rows
+        return self.rows * (self.max_norm / self.rows.norm(dim=1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0)
 
     def forward(self, input_ids: Tensor) -> Tensor:
         out = self.table(input_ids)
         slot = self.lookup[input_ids]
         hit = (slot >= 0).unsqueeze(-1)
-        return torch.where(hit, self.rows[slot.clamp(min=0)].to(out.dtype), out)
+        return torch.where(hit, self.vectors()[slot.clamp(min=0)].to(out.dtype), out)
 
 
 class TextualInversion:
@@ -88,7 +98,9 @@ class TextualInversion:
     def __init__(self, settings: EmbeddingSettings):
         self.token = settings.token
         self.init_token = settings.init_token
+        self.token_position = settings.token_position
         self.vectors = settings.vectors
+        self.max_norm = settings.max_norm
         self.tokens = [self.token] + [f"{self.token}_{i}" for i in range(1, self.vectors)]  # diffusers' naming
         self.templates = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}.get(settings.learnable_property)
         self._captioned = 0
@@ -114,25 +126,29 @@ class TextualInversion:
             else:
                 start = weight[: min(token_ids)].mean(0)  # the centroid: no semantic prior
             weight[token_ids] = start
-        encoder.set_input_embeddings(PlaceholderRows(encoder.get_input_embeddings(), token_ids))
+        cap = None if self.max_norm is None else self.max_norm * float(weight[: min(token_ids)].norm(dim=1).mean())
+        encoder.set_input_embeddings(PlaceholderRows(encoder.get_input_embeddings(), token_ids, cap))
         return token_ids
 
     def caption(self, caption: str) -> str:
-        """Put every placeholder vector in the prompt; add the token to captions that lack it. With
-        --learnable-property the caption is the next template instead (in image order)."""
+        """Put every placeholder vector in the prompt; add the token to captions that lack it, at --token-position.
+        With --learnable-property the caption is the next template instead (in image order)."""
         if self.templates is not None:
             caption = self.templates[self._captioned % len(self.templates)].format(self.token)
             self._captioned += 1
         if self.token not in caption:
-            caption = f"{self.token} {caption}".strip() if caption else f"a picture of {self.token}"
+            if not caption:
+                caption = f"a picture of {self.token}"
+            else:
+                caption = f"{caption} {self.token}" if self.token_position == "end" else f"{self.token} {caption}"
         return re.sub(re.escape(self.token) + r"(?!_\d)", " ".join(self.tokens), caption, count=1)
 
     def parameters(self, model):
         return [encoder.get_input_embeddings().rows for _, encoder in model.text_encoders]
 
     def learned(self, model) -> list[torch.Tensor]:
-        """The new rows of each text encoder (one tensor for SD, two for SDXL)."""
-        return [rows.detach().float().cpu() for rows in self.parameters(model)]
+        """The new rows of each text encoder (one tensor for SD, two for SDXL), as the encoder reads them."""
+        return [encoder.get_input_embeddings().vectors().detach().float().cpu() for _, encoder in model.text_encoders]
 
     def save(self, model, out: Path) -> list[Path]:
         """The files under the trigger word users type (the file stem, see export/embeddings.py); the diffusers
