@@ -65,27 +65,18 @@ def variant_folder(domain: str, seed: int) -> Path:
 LONG_STEPS = 2000
 
 
-def extra(jobs: int) -> None:
-    """Three controls, most telling first: on both domains, textual inversion with 4 vectors from an initialiser word
-    instead of 2 from the vocabulary's centroid (the compare's chosen rate, shots and seeds; last step, no validation);
-    on flags, CDC at the registered rate (2e-3, EWC's) instead of the probe's, so its rate and its loss are not
-    confounded, and TGAN and CDC at 2e-3 for LONG_STEPS steps (1 replicate, validated every 250 steps), where
-    memorisation should show. The CDC controls of 2026-12-01 ran with patch block 1, the default then, and were rerun
-    with block 2 on 2026-12-02; `score` labels each with the block its config.yaml records."""
-    import subprocess
+def _ti_command(domain: str, seed: int, out: Path, flags: list[str]) -> list[str]:
+    """`genadapt adapt` of a 400-step textual inversion on 10 shots of `domain` drawn with `seed`."""
     import sys
 
-    from genadapt.api import compare
-    from genadapt.config import CompareConfig
+    return [sys.executable, "-m", "genadapt", "adapt", "--base", "pocket-sd", "--data", f"builtin:openmoji/{domain}?shots=10&seed={seed}",
+            "--seed", str(seed), "--train", "embedding", "--token", "<target>", "--steps", "400", *flags, "--out", str(out)]
 
-    commands = []
-    for domain in DOMAINS:
-        rate = json.loads((folder("pocket-sd", domain) / "lr_probe.json").read_text())["techniques"]["embedding"]["chosen"]
-        for seed in range(3):
-            if not (variant_folder(domain, seed) / "summary.json").is_file():
-                commands.append([sys.executable, "-m", "genadapt", "adapt", "--base", "pocket-sd", "--data", f"builtin:openmoji/{domain}?shots=10&seed={seed}",
-                                 "--seed", str(seed), "--train", "embedding", "--token", "<target>", "--vectors", "4", "--init-token", INIT_WORDS[domain],
-                                 "--steps", "400", "--learning-rate", str(rate), "--out", str(variant_folder(domain, seed))])
+
+def _run_all(commands: list[list[str]], jobs: int) -> None:
+    """Each command in its own process, `jobs` at a time; the first failure stops the benchmark."""
+    import subprocess
+
     running = []
 
     def finish(process) -> None:
@@ -98,6 +89,27 @@ def extra(jobs: int) -> None:
             finish(running.pop(0))
     for process in running:
         finish(process)
+
+
+def extra(jobs: int) -> None:
+    """Three controls, most telling first: on both domains, textual inversion with 4 vectors from an initialiser word
+    instead of 2 from the vocabulary's centroid (the compare's chosen rate, shots and seeds; last step, no validation);
+    on flags, CDC at the registered rate (2e-3, EWC's) instead of the probe's, so its rate and its loss are not
+    confounded, and TGAN and CDC at 2e-3 for LONG_STEPS steps (1 replicate, validated every 250 steps), where
+    memorisation should show. The CDC controls of 2026-12-01 ran with patch block 1, the default then, and were rerun
+    with block 2 on 2026-12-02; `score` labels each with the block its config.yaml records."""
+
+    from genadapt.api import compare
+    from genadapt.config import CompareConfig
+
+    commands = []
+    for domain in DOMAINS:
+        rate = json.loads((folder("pocket-sd", domain) / "lr_probe.json").read_text())["techniques"]["embedding"]["chosen"]
+        for seed in range(3):
+            if not (variant_folder(domain, seed) / "summary.json").is_file():
+                commands.append(_ti_command(domain, seed, variant_folder(domain, seed), ["--vectors", "4", "--init-token", INIT_WORDS[domain],
+                                                                                        "--learning-rate", str(rate)]))
+    _run_all(commands, jobs)
     print("textual inversion variants done", flush=True)
 
     gan = {k: v for k, v in PLANS["pocket-stylegan2"].items() if k not in ("techniques", "lr_probe_steps")}
@@ -112,37 +124,43 @@ def extra(jobs: int) -> None:
 
 
 TI_VARIANTS = {  # --token-position and --max-norm on the unseen-content test (2 vectors, the centroid start, last step)
-    "start (as compare)": ["--learning-rate", "5e-3"],
-    "end": ["--token-position", "end", "--learning-rate", "5e-3"],
+    "start (as compare), lr 5e-3": ["--learning-rate", "5e-3"],
+    "end, lr 5e-3": ["--token-position", "end", "--learning-rate", "5e-3"],
     "end, lr 1e-3": ["--token-position", "end", "--learning-rate", "1e-3"],
     "end, lr 3e-4": ["--token-position", "end", "--learning-rate", "3e-4"],
-    "end, max-norm 0.5": ["--token-position", "end", "--learning-rate", "5e-3", "--max-norm", "0.5"],
+    "end, --max-norm 0.5, lr 5e-3": ["--token-position", "end", "--learning-rate", "5e-3", "--max-norm", "0.5"],
 }
 
 
 def ti_position(jobs: int) -> None:
     """Where the placeholder joins the caption, and how long its vectors may grow: each TI_VARIANTS entry on both
-    domains, 3 seeds (10 shots, 400 steps), scored by `unseen_content` (~6 min of training, ~8 of scoring)."""
-    import subprocess
-    import sys
+    domains, 3 seeds (10 shots, 400 steps), scored by `unseen_content` (~6 min of training, ~8 of scoring). Prints
+    the table of docs/benchmarks.md and the learned vectors' norms; writes benchmarks/results/ti_position.json and
+    the first seed's samples to docs/quality/pocket-sd-<domain>-ti-<variant>.png."""
+    from safetensors.torch import load_file
 
+    from genadapt.grid import save_grid
+    from genadapt.models import load_base
+
+    words = load_base("pocket-sd").text_encoder.get_input_embeddings().weight.detach().norm(dim=1)
+    print(f"vocabulary word norms: mean {words.mean():.3f}, largest {words.max():.3f}")
+    slug = {name: re.sub(r"[^a-z0-9.]+", "-", name).strip("-") for name in TI_VARIANTS}
+    plans = [(domain, name, [OUT / "ti-position" / f"{domain}-{slug[name]}-s{seed}" for seed in range(3)]) for domain in DOMAINS for name in TI_VARIANTS]
+    _run_all([_ti_command(domain, seed, run, ["--vectors", "2", *TI_VARIANTS[name]])
+              for domain, name, runs in plans for seed, run in enumerate(runs) if not (run / "summary.json").is_file()], jobs)
     results = {}
-    for name, flags in TI_VARIANTS.items():
-        for domain in DOMAINS:
-            runs = [OUT / "ti-position" / f"{domain}-{re.sub(r'[^a-z0-9.]+', '-', name)}-s{seed}" for seed in range(3)]
-            commands = [[sys.executable, "-m", "genadapt", "adapt", "--base", "pocket-sd", "--data", f"builtin:openmoji/{domain}?shots=10&seed={seed}",
-                         "--seed", str(seed), "--train", "embedding", "--token", "<target>", "--vectors", "2", "--steps", "400", *flags, "--out", str(run)]
-                        for seed, run in enumerate(runs) if not (run / "summary.json").is_file()]
-            for start in range(0, len(commands), jobs):
-                for process in [subprocess.Popen(c, stdout=subprocess.DEVNULL) for c in commands[start:start + jobs]]:
-                    if process.wait() != 0:
-                        raise SystemExit(f"failed ({process.returncode}): {' '.join(process.args)}")
-            settings = {"base": "pocket-sd", "data": f"builtin:openmoji/{domain}", "reference": f"builtin:openmoji/{domain}/reference",
-                        "seed": 0, "sample_steps": 25}
-            results[f"{domain}: {name}"], _ = unseen_content(runs, settings)
-            u = results[f"{domain}: {name}"]
-            print(f"| {domain} | {name} | {u['embedding']['style_kid']:.3f} | {_ci(u['style_vs_base'])} | {u['embedding']['group']:.0%} "
-                  f"(base {u['base']['group']:.0%}) | {u['embedding']['own_in_top5']:.0%} (base {u['base']['own_in_top5']:.0%}) |", flush=True)
+    print("| domain | placeholder, lr | style-block KID | Δ vs base [95% CI] | nearest of the prompt's group | prompt's emoji in top 5 | vector norms |")
+    print("|---|---|---|---|---|---|---|")
+    for domain, name, runs in plans:
+        settings = {"base": "pocket-sd", "data": f"builtin:openmoji/{domain}", "reference": f"builtin:openmoji/{domain}/reference",
+                    "seed": 0, "sample_steps": 25}
+        u, grids = unseen_content(runs, settings)
+        results[f"{domain}: {name}"] = u
+        save_grid(grids["embedding"][:32], ROOT / "docs" / "quality" / f"pocket-sd-{domain}-ti-{slug[name]}.png", columns=8, scale=2)
+        norms = [float(v.norm(dim=-1).mean()) for run in runs for v in load_file(run / "learned_embeds.safetensors").values()]
+        print(f"| {domain} | {name} | {u['embedding']['style_kid']:.3f} (base {u['base']['style_kid']:.3f}) | {_ci(u['style_vs_base'])} | "
+              f"{u['embedding']['group']:.0%} (base {u['base']['group']:.0%}) | {u['embedding']['own_in_top5']:.0%} (base {u['base']['own_in_top5']:.0%}) | "
+              f"{min(norms):.2f}-{max(norms):.2f} |", flush=True)
     (ROOT / "benchmarks" / "results" / "ti_position.json").write_text(json.dumps(results, indent=1))
 
 

@@ -250,3 +250,10 @@ def test_max_norm_caps_the_vectors_the_encoder_reads_and_saves():
     torch.testing.assert_close(rows.weight[8], read[0])
     read.sum().backward()
     assert abs(float(rows.rows.grad[0] @ rows.rows[0].detach())) < 1e-6  # at the cap, no gradient pushes it outward
+
+
+def test_token_position_is_refused_where_templates_place_the_token():
+    from genadapt.techniques.embedding import EmbeddingSettings, TextualInversion
+
+    with pytest.raises(UserError, match="--token-position end: --learnable-property style"):
+        TextualInversion(EmbeddingSettings(learnable_property="style", token_position="end"))

@@ -103,6 +103,8 @@ class TextualInversion:
         self.max_norm = settings.max_norm
         self.tokens = [self.token] + [f"{self.token}_{i}" for i in range(1, self.vectors)]  # diffusers' naming
         self.templates = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}.get(settings.learnable_property)
+        if self.templates is not None and settings.token_position != "start":
+            raise UserError(f"--token-position {settings.token_position}: --learnable-property {settings.learnable_property} trains on templates that place the token themselves; drop one of the two")
         self._captioned = 0
         self.token_ids: list[list[int]] = []  # per text encoder: SDXL fine-tunes may have tokenizers that differ
 
