@@ -1,6 +1,8 @@
 """Built-in data: disjoint splits and deterministic, nested k-shot selection."""
 
+import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,3 +93,42 @@ def test_records_survive_a_json_round_trip_hashable():
     record = ImageRecord(id="a.png", caption="x", original_size=(40, 20), crop_top_left=(16, 0))
     again = ImageRecord(**json.loads(json.dumps(record.__dict__)))
     assert again == record and hash(again) == hash(record)
+
+
+def test_processes_rendering_the_cache_at_once_both_finish(tmp_path, monkeypatch):
+    """Two first runs on a fresh cache render OpenMoji together; each writes under its own temp name, so neither
+    finds its file renamed away by the other (it did: a shared `.tmp.npz`)."""
+    import threading
+
+    from genadapt.data import openmoji
+
+    monkeypatch.setenv("GENADAPT_CACHE", str(tmp_path))
+    codes = [code for code in openmoji._codes() if openmoji.describe(code) is not None][:40]
+    monkeypatch.setattr(openmoji, "_codes", lambda: codes)
+    monkeypatch.setattr(openmoji, "render", lambda batch, resolution: np.stack([np.full((resolution, resolution, 3), i, dtype=np.uint8) for i in range(len(batch))]))
+    both_written = threading.Barrier(2, timeout=30)
+    replace = os.replace
+
+    def replace_once_both_wrote(source, destination):  # the interleaving that broke: both write, then both rename
+        if Path(destination).parent == tmp_path:
+            both_written.wait()
+        return replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", replace_once_both_wrote)
+    results, errors = [], []
+
+    def first_run():
+        try:
+            results.append(len(openmoji.load_all(8)))
+        except Exception as exc:  # noqa: BLE001 - the test reports what a racing process would have raised
+            errors.append(exc)
+
+    threads = [threading.Thread(target=first_run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert len(results) == 2 and results[0] == results[1] > 0
+    assert [path.name for path in tmp_path.iterdir()] == [f"openmoji-{openmoji._version()}-8px-v2.npz"]
+    assert len(openmoji.load_all(8)) == results[0]  # the cache reads back

@@ -189,10 +189,13 @@ def load_all(resolution: int = 32) -> ImageSet:
         keep.append(index)
     pixels = pixels[keep]
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp.npz")
-    np.savez_compressed(temporary, pixels=pixels, records=json.dumps([r.__dict__ for r in records]))
-    os.replace(temporary, path)
+    from genadapt.runs import atomic_write
+
+    def write(temporary: Path) -> None:
+        with open(temporary, "wb") as handle:  # a file object: np.savez would append .npz to a path
+            np.savez_compressed(handle, pixels=pixels, records=json.dumps([r.__dict__ for r in records]))
+
+    atomic_write(path, write)  # its own temp name: processes rendering the cache at once do not collide
     return ImageSet("builtin:openmoji", pixels, records)
 
 
