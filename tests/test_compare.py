@@ -171,6 +171,26 @@ def test_fixed_steps_skip_the_probe(base, tmp_path):
     assert json.loads((tmp_path / "runs" / "embedding-2shot-r0" / "summary.json").read_text())["steps"] == 2
 
 
+def test_a_compare_whose_every_run_failed_is_an_error_not_a_silent_success(base, tmp_path, monkeypatch):
+    """When no run finishes there is nothing to recommend: one error naming the first failure (here the one a
+    script without a __main__ guard meets), with results.json still written."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from genadapt.errors import UserError
+    from genadapt.recipes import compare as compare_module
+
+    def every_run_breaks(settings, steps, names, **worker):
+        for name in names:
+            yield name, BrokenProcessPool("A process in the process pool was terminated abruptly")
+
+    monkeypatch.setattr(compare_module, "execute", every_run_breaks)
+    settings = _settings(base, tmp_path)
+    settings.shots, settings.techniques, settings.steps, settings.lr_probe = [2], ["lora", "embedding"], 2, 1
+    with pytest.raises(UserError, match=r"all 2 runs failed.*the first, lora-2shot-r0: BrokenProcessPool.*if __name__ == \"__main__\""):
+        compare(settings)
+    assert set(json.loads((tmp_path / "results.json").read_text())["failed"]) == {"lora-2shot-r0", "embedding-2shot-r0"}
+
+
 @pytest.mark.parametrize("pocket, technique", [("pocket-sd", "lora"), ("pocket-stylegan2", "freeze")])
 def test_the_default_shot_counts_finish_on_both_pocket_models(pocket, technique, tmp_path):
     """1 shot included: metrics that need two shots (authenticity) are left out, not fatal."""

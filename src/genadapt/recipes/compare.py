@@ -385,6 +385,11 @@ def _compare(settings: CompareConfig) -> dict:
     results["wall_minutes_this_session"] = round((time.time() - started) / 60, 2)
     write_json(out / "results.json", results)
     write_compare_report(results, out)
+    if failed and len(failed) == len(plan.runs):
+        first, reason = next(iter(failed.items()))
+        hint = ("; a script that calls compare with jobs > 1 must run it under `if __name__ == \"__main__\":` (each worker process imports the script)"
+                if "BrokenProcessPool" in reason else "")
+        raise UserError(f"compare: all {len(failed)} runs failed, so nothing can be recommended; the first, {first}: {reason}{hint} (each run's error: {out / 'results.json'})")
     return results
 
 
