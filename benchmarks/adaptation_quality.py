@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/adaptation_quality.py extra    # controls: TI variants, CDC at 2e-3, a 2,000-step TGAN/CDC (~25 min)
     .venv/bin/python benchmarks/adaptation_quality.py score    # style-aware scores, tables, grids (~10 min)
     .venv/bin/python benchmarks/adaptation_quality.py tables   # the tables again from the results file
-    .venv/bin/python benchmarks/adaptation_quality.py ti       # textual inversion: --token-position, --max-norm (~14 min)
+    .venv/bin/python benchmarks/adaptation_quality.py ti       # textual inversion: --token-position, --max-norm, --embedding-weight (~35 min)
 
 `run` runs `genadapt compare` on 10 shots of both OpenMoji target domains (flags: far, dark-skin: near) for pocket-sd
 (its five default techniques, 400 steps) and pocket-stylegan2 (TGAN, FreezeD, the MineGAN miner, EWC and CDC: the
@@ -74,7 +74,8 @@ def _ti_command(domain: str, seed: int, out: Path, flags: list[str]) -> list[str
 
 
 def _run_all(commands: list[list[str]], jobs: int) -> None:
-    """Each command in its own process, `jobs` at a time; the first failure stops the benchmark."""
+    """Each command in its own process, `jobs` at a time; the first failure stops the benchmark and the runs
+    beside it (left running, they would hold their folders' locks against the rerun)."""
     import subprocess
 
     running = []
@@ -83,12 +84,17 @@ def _run_all(commands: list[list[str]], jobs: int) -> None:
         if process.wait() != 0:
             raise SystemExit(f"failed ({process.returncode}): {' '.join(process.args)}")
 
-    for command in commands:
-        running.append(subprocess.Popen(command, stdout=subprocess.DEVNULL))
-        if len(running) == jobs:
+    try:
+        for command in commands:
+            running.append(subprocess.Popen(command, stdout=subprocess.DEVNULL))
+            if len(running) == jobs:
+                finish(running.pop(0))
+        while running:
             finish(running.pop(0))
-    for process in running:
-        finish(process)
+    finally:  # Ctrl-C or any other exit: no run is left holding its folder's lock
+        for other in running:
+            other.terminate()
+            other.wait()
 
 
 def extra(jobs: int) -> None:
@@ -123,20 +129,28 @@ def extra(jobs: int) -> None:
         print(f"{out.name}: {(time.time() - started) / 60:.1f} min", flush=True)
 
 
-TI_VARIANTS = {  # --token-position and --max-norm on the unseen-content test (2 vectors, the centroid start, last step)
+TI_TRAININGS = {  # --token-position and --max-norm (2 vectors, the centroid start, last step)
     "start (as compare), lr 5e-3": ["--learning-rate", "5e-3"],
     "end, lr 5e-3": ["--token-position", "end", "--learning-rate", "5e-3"],
     "end, lr 1e-3": ["--token-position", "end", "--learning-rate", "1e-3"],
     "end, lr 3e-4": ["--token-position", "end", "--learning-rate", "3e-4"],
     "end, --max-norm 0.5, lr 5e-3": ["--token-position", "end", "--learning-rate", "5e-3", "--max-norm", "0.5"],
 }
+# Each table row: a training above, sampled with the trigger at full weight or at `genadapt sample --embedding-weight`.
+TI_VARIANTS = {**{name: (name, None) for name in TI_TRAININGS},
+               **{f"end, lr {rate}, --embedding-weight {weight}": (f"end, lr {rate}", weight) for rate in ("5e-3", "1e-3") for weight in (0.5, 0.25, 0.1)}}
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9.]+", "-", name).strip("-")
 
 
 def ti_position(jobs: int) -> None:
-    """Where the placeholder joins the caption, and how long its vectors may grow: each TI_VARIANTS entry on both
-    domains, 3 seeds (10 shots, 400 steps), scored by `unseen_content` (~6 min of training, ~8 of scoring). Prints
-    the table of docs/benchmarks.md and the learned vectors' norms; writes benchmarks/results/ti_position.json and
-    the first seed's samples to docs/quality/pocket-sd-<domain>-ti-<variant>.png."""
+    """Where the placeholder joins the caption, how long its vectors may grow, and how strongly the trigger acts at
+    sampling: each TI_TRAININGS entry on both domains, 3 seeds (10 shots, 400 steps; ~6 min of training), each
+    TI_VARIANTS row scored by `unseen_content` (~70 s a row; the base's samples are drawn once). Prints the table of docs/benchmarks.md and the
+    learned vectors' norms; writes benchmarks/results/ti_position.json and the first seed's samples to
+    docs/quality/pocket-sd-<domain>-ti-<variant>.png."""
     from safetensors.torch import load_file
 
     from genadapt.grid import save_grid
@@ -144,24 +158,31 @@ def ti_position(jobs: int) -> None:
 
     words = load_base("pocket-sd").text_encoder.get_input_embeddings().weight.detach().norm(dim=1)
     print(f"vocabulary word norms: mean {words.mean():.3f}, largest {words.max():.3f}")
-    slug = {name: re.sub(r"[^a-z0-9.]+", "-", name).strip("-") for name in TI_VARIANTS}
-    plans = [(domain, name, [OUT / "ti-position" / f"{domain}-{slug[name]}-s{seed}" for seed in range(3)]) for domain in DOMAINS for name in TI_VARIANTS]
-    _run_all([_ti_command(domain, seed, run, ["--vectors", "2", *TI_VARIANTS[name]])
-              for domain, name, runs in plans for seed, run in enumerate(runs) if not (run / "summary.json").is_file()], jobs)
+    runs = {(domain, name): [OUT / "ti-position" / f"{domain}-{_slug(name)}-s{seed}" for seed in range(3)] for domain in DOMAINS for name in TI_TRAININGS}
+    _run_all([_ti_command(domain, seed, run, ["--vectors", "2", *TI_TRAININGS[name]])
+              for (domain, name), folders in runs.items() for seed, run in enumerate(folders) if not (run / "summary.json").is_file()], jobs)
     results = {}
-    print("| domain | placeholder, lr | style-block KID | Δ vs base [95% CI] | nearest of the prompt's group | prompt's emoji in top 5 | vector norms |")
+    print("| domain | placeholder, lr, weight | style-block KID | Δ vs base [95% CI] | nearest of the prompt's group: Δ vs base [95% CI] | "
+          "prompt's emoji in top 5: Δ vs base [95% CI] | vector norms |")
     print("|---|---|---|---|---|---|---|")
-    for domain, name, runs in plans:
-        settings = {"base": "pocket-sd", "data": f"builtin:openmoji/{domain}", "reference": f"builtin:openmoji/{domain}/reference",
-                    "seed": 0, "sample_steps": 25}
-        u, grids = unseen_content(runs, settings)
-        results[f"{domain}: {name}"] = u
-        save_grid(grids["embedding"][:32], ROOT / "docs" / "quality" / f"pocket-sd-{domain}-ti-{slug[name]}.png", columns=8, scale=2)
-        norms = [float(v.norm(dim=-1).mean()) for run in runs for v in load_file(run / "learned_embeds.safetensors").values()]
-        print(f"| {domain} | {name} | {u['embedding']['style_kid']:.3f} (base {u['base']['style_kid']:.3f}) | {_ci(u['style_vs_base'])} | "
-              f"{u['embedding']['group']:.0%} (base {u['base']['group']:.0%}) | {u['embedding']['own_in_top5']:.0%} (base {u['base']['own_in_top5']:.0%}) | "
-              f"{min(norms):.2f}-{max(norms):.2f} |", flush=True)
-    (ROOT / "benchmarks" / "results" / "ti_position.json").write_text(json.dumps(results, indent=1))
+    for domain in DOMAINS:
+        for name, (training, weight) in TI_VARIANTS.items():
+            settings = {"base": "pocket-sd", "data": f"builtin:openmoji/{domain}", "reference": f"builtin:openmoji/{domain}/reference",
+                        "seed": 0, "sample_steps": 25}
+            u, grids = unseen_content(runs[domain, training], settings, embedding_weight=weight)
+            u["embedding_weight"] = weight
+            results[f"{domain}: {name}"] = u
+            save_grid(grids["embedding"][:32], ROOT / "docs" / "quality" / f"pocket-sd-{domain}-ti-{_slug(name)}.png", columns=8, scale=2)
+            norms = [float(v.norm(dim=-1).mean()) for run in runs[domain, training] for v in load_file(run / "learned_embeds.safetensors").values()]
+            content = " | ".join(f"{u['embedding'][key]:.0%} (base {u['base'][key]:.0%}): {_points(u[key + '_vs_base'])}" for key in ("group", "own_in_top5"))
+            print(f"| {domain} | {name} | {u['embedding']['style_kid']:.3f} (base {u['base']['style_kid']:.3f}) | {_ci(u['style_vs_base'])} | "
+                  f"{content} | {min(norms):.2f}-{max(norms):.2f} |", flush=True)
+            (ROOT / "benchmarks" / "results" / "ti_position.json").write_text(json.dumps(results, indent=1))  # row by row: a crash keeps the rows done
+
+
+def _points(d: dict) -> str:
+    """A rate difference in percentage points with its interval."""
+    return f"{100 * d['difference']:+.0f} pp [{100 * d['ci_low']:+.0f}, {100 * d['ci_high']:+.0f}]"
 
 
 def _style_scores(path: Path, results: dict, extractor, reference_features) -> dict:
@@ -361,6 +382,7 @@ def score() -> None:
 
 
 UNSEEN_PROMPTS = 64
+_BASE_SAMPLES: dict = {}  # (base, seed, sampler steps) -> the unadapted base's samples of the unseen prompts
 
 
 def _placeholder(run: Path) -> tuple[str, str]:
@@ -374,7 +396,7 @@ def _placeholder(run: Path) -> tuple[str, str]:
     return prompts[0][:at], prompts[0][at + len(captions[0]):]
 
 
-def unseen_content(runs: list[Path], settings: dict) -> tuple[dict, dict]:
+def unseen_content(runs: list[Path], settings: dict, embedding_weight: float | None = None) -> tuple[dict, dict]:
     """Textual inversion on prompts of content it never trained on: 64 captions of held-out *source* images
     (`source/reference`: smileys, animals, objects, light-skinned people), with and without each run's placeholder;
     run i is sampled from seed + i, as compare samples replicate i.
@@ -410,11 +432,11 @@ def unseen_content(runs: list[Path], settings: dict) -> tuple[dict, dict]:
     pool_features = torch.nn.functional.normalize(torch.cat([cached_features(pocket, d, progress=False).float() for d in (source, *target)]), dim=1)
     reference = cached_features(style, load_dataset(settings["reference"], resolution=32), progress=False).float()[:, style_only]
 
-    def content(images: torch.Tensor) -> dict:
+    def content(images: torch.Tensor) -> dict:  # per sample: 1 where its content is the prompt's
         features = torch.nn.functional.normalize(cached_features(pocket, images, progress=False).float(), dim=1)
         order = (features @ pool_features.T).argsort(dim=1, descending=True).numpy()
-        return {"group": float(np.mean(groups[order[:, 0]] == groups[chosen])),
-                "own_in_top5": float(np.mean([emoji[chosen[i]] in emoji[order[i, :5]] for i in range(len(chosen))]))}
+        return {"group": (groups[order[:, 0]] == groups[chosen]).astype(float),
+                "own_in_top5": np.array([emoji[chosen[i]] in emoji[order[i, :5]] for i in range(len(chosen))], dtype=float)}
 
     base_model = load_base(settings["base"])
     sides = {side: {"style": [], "group": [], "own_in_top5": []} for side in ("base", "embedding")}
@@ -424,7 +446,13 @@ def unseen_content(runs: list[Path], settings: dict) -> tuple[dict, dict]:
         prefix, suffix = _placeholder(run)
         scorer = PairedKID(reference, UNSEEN_PROMPTS, seed=seed)
         for side, model, prompts in (("base", base_model, captions), ("embedding", load_run(run), [prefix + c + suffix for c in captions])):
-            images = sample(model, UNSEEN_PROMPTS, seed, prompts, steps=settings.get("sample_steps"), progress=True)
+            if side == "base" and (settings["base"], seed, settings.get("sample_steps")) in _BASE_SAMPLES:  # the same for every row of a table
+                images = _BASE_SAMPLES[settings["base"], seed, settings.get("sample_steps")]
+            else:
+                weight = embedding_weight if side == "embedding" else None
+                images = sample(model, UNSEEN_PROMPTS, seed, prompts, steps=settings.get("sample_steps"), progress=True, embedding_weight=weight)
+            if side == "base":
+                _BASE_SAMPLES[settings["base"], seed, settings.get("sample_steps")] = images
             scores = scorer.scores(cached_features(style, images, progress=False).float()[:, style_only])
             sides[side]["style"].append(scores)
             for key, value in content(images).items():
@@ -435,7 +463,20 @@ def unseen_content(runs: list[Path], settings: dict) -> tuple[dict, dict]:
         out[side] = {"style_kid": float(np.mean([full for full, _ in values["style"]])),
                      **{key: float(np.mean(values[key])) for key in ("group", "own_in_top5")}}
     out["style_vs_base"] = pooled_difference(sides["embedding"]["style"], sides["base"]["style"])
+    for key in ("group", "own_in_top5"):
+        out[f"{key}_vs_base"] = paired_rate_difference(sides["embedding"][key], sides["base"][key])
     return out, grids
+
+
+def paired_rate_difference(a: list, b: list, resamples: int = 4000) -> dict:
+    """A − B of a per-sample 0/1 rate, paired (run i, prompt j on both sides), with a 95% bootstrap interval that
+    resamples the prompts (the same ones in every run: a prompt's samples share its content)."""
+    import numpy as np
+
+    deltas = np.stack(a) - np.stack(b)  # [runs, prompts]
+    picks = np.random.default_rng(0).integers(0, deltas.shape[1], size=(resamples, deltas.shape[1]))
+    means = deltas[:, picks].mean(axis=(0, 2))
+    return {"difference": float(deltas.mean()), "ci_low": float(np.quantile(means, 0.025)), "ci_high": float(np.quantile(means, 0.975))}
 
 
 def _ci(d: dict) -> str:

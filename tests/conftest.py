@@ -8,7 +8,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config):
-    """`-n auto`: one single-threaded worker per usable core, at most 4 (many tests start child processes of their own)."""
+    """`-n auto`: one single-threaded worker per usable core, at most 4 (many tests start child processes of their own);
+    PYTEST_XDIST_AUTO_NUM_WORKERS, xdist's own override, still wins."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS", "").strip().isdigit():
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
     return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 4))
 
 

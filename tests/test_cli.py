@@ -88,6 +88,12 @@ def test_sample_both_pocket_models_deterministically(tmp_path):
         assert grids[0] == grids[1]
 
 
+def test_embedding_weight_on_a_model_without_a_trigger_is_refused(tmp_path):
+    result = runner.invoke(app, ["sample", "pocket-sd", "--prompt", "grinning face", "--embedding-weight", "0.5", "-n", "1", "--out", str(tmp_path / "x.png")])
+    assert result.exit_code == 2 and "--embedding-weight weighs a textual-inversion run's trigger word" in result.output
+    assert not (tmp_path / "x.png").exists()
+
+
 @pytest.mark.parametrize("args", [
     [command, "--no-such-flag"] for command in ("adapt", "compare", "data", "demo", "distill", "evaluate", "pretrain", "sample", "ui", "zoo")
 ] + [["data", "inspect", "--no-such-flag"], ["sample", "-n", "abc"], ["no-such-command"]], ids=" ".join)

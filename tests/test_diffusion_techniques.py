@@ -257,3 +257,37 @@ def test_token_position_is_refused_where_templates_place_the_token():
 
     with pytest.raises(UserError, match="--token-position end: --learnable-property style"):
         TextualInversion(EmbeddingSettings(learnable_property="style", token_position="end"))
+
+
+def test_embedding_weight_blends_the_prompt_with_and_without_the_trigger(base, tmp_path):
+    """--embedding-weight w encodes E(without) + w (E(with) - E(without)): 1 samples as the prompt is written, 0 as the
+    prompt without the trigger, between them the encoding is the blend; a prompt without the word, or a model without
+    a learned trigger, is refused."""
+    from genadapt import models
+
+    _run(base, tmp_path / "ti", train="embedding", token="<glyph>", vectors=2, learning_rate=0.5, token_position="end")
+    model = models.load_run(tmp_path / "ti")
+    trigger = model.extras["trigger"]
+    prompt, plain = f"a digit {trigger}", "a digit"
+
+    def draw(prompts, **weight):
+        return models.sample(model, 2, 0, prompts, steps=2, **weight)
+
+    as_written, without = draw([prompt]), draw([plain])
+    assert (as_written - without).abs().max() > 1e-3  # the trigger does something to weigh
+    torch.testing.assert_close(draw([prompt], embedding_weight=1.0), as_written, atol=1e-5, rtol=0)
+    torch.testing.assert_close(draw([prompt], embedding_weight=0.0), without, atol=1e-5, rtol=0)
+    text = diffusion.weighted_trigger(model, [prompt], trigger, 0.25, True, None)
+    (with_word, _), (no_word, _) = (model.pipeline.encode_prompt([p], "cpu", 1, True) for p in (prompt, plain))
+    torch.testing.assert_close(text["prompt_embeds"], no_word + 0.25 * (with_word - no_word))
+    caption = 1 + len(model.tokenizer(plain, add_special_tokens=False).input_ids)  # the start token and the caption's words
+    torch.testing.assert_close(with_word[0, :caption], no_word[0, :caption], atol=0, rtol=0)  # placeholder after them: they never move
+    with pytest.raises(UserError, match=f"the prompt 'a digit' does not contain the trigger word '{trigger}'"):
+        draw([prompt, plain], embedding_weight=0.5)
+    torch.testing.assert_close(draw([prompt], embedding_weight=1.0, guidance=1.0, negative_prompt="blurry"),
+                               draw([prompt], guidance=1.0, negative_prompt="blurry"), atol=1e-5, rtol=0)  # no CFG, a negative prompt
+    assert diffusion.without_word(f"({trigger}), a {trigger} {trigger}_1 digit", trigger) == "( ), a digit"  # found as diffusers finds it
+    with pytest.raises(UserError, match="--embedding-weight nan: the weight must be a finite number"):
+        draw([prompt], embedding_weight=float("nan"))
+    with pytest.raises(UserError, match="this model has none"):
+        models.sample(diffusion.load(base), 1, 0, [prompt], steps=2, embedding_weight=0.5)

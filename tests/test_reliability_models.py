@@ -99,10 +99,12 @@ def test_a_broken_model_folder_is_one_line(base, tmp_path, name, damage, needle)
     assert "Traceback" not in result.output and not (tmp_path / "g.png").exists()
 
 
-@pytest.mark.parametrize("missing", ["/no/such/pipeline", "./no-such-pipeline", "pocket-sdx", "org/name/extra"])
+@pytest.mark.parametrize("missing", ["/no/such/pipeline", "./no-such-pipeline", "pocket-sdx", "org/name/extra", "runs/my-base"])
 def test_a_missing_folder_is_named_and_never_looked_up_on_the_hub(tmp_path, missing, monkeypatch):
-    """A mistyped path is not a hub id (org/name): one line saying there is no such folder, and no request to the hub."""
+    """A mistyped path is not a hub id (org/name): one line saying there is no such folder, and no request to the hub.
+    `runs/my-base` has the shape of a hub id, but ./runs exists: it is a folder."""
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
     import huggingface_hub.file_download as downloads
 
     def no_network(*args, **kwargs):
@@ -113,6 +115,13 @@ def test_a_missing_folder_is_named_and_never_looked_up_on_the_hub(tmp_path, miss
     errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
     assert result.exit_code == 2 and len(errors) == 1 and f"--base {missing}: no such folder" in errors[0], result.output
     assert "huggingface" not in result.output.lower()
+
+
+def test_a_hub_id_stays_a_hub_id_where_no_folder_of_its_org_exists(tmp_path, monkeypatch):
+    from genadapt.families.diffusion import resolve_base
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_base("org/name") == "org/name"
 
 
 def test_a_base_under_home_is_found_with_a_tilde(tmp_path, monkeypatch):

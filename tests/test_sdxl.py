@@ -130,6 +130,29 @@ def test_embedding_learns_new_rows_in_both_encoders_only(base, tmp_path):
     torch.testing.assert_close(diffusion.encode_text(model, ids).pooled[0], expected)
 
 
+def test_embedding_weight_blends_both_encoders_and_the_pooled_projection(base, tmp_path):
+    """On SDXL --embedding-weight blends each encoder's hidden states and the pooled projection: 0 samples as the
+    prompt without the trigger, 1 as the prompt written."""
+    from genadapt import models
+
+    _run(base, tmp_path / "ti", train="embedding", token="<seven>", vectors=2, learning_rate=0.5, steps=2, token_position="end")
+    model = models.load_run(tmp_path / "ti")
+    assert model.extras["trigger"] == "seven"
+
+    def draw(prompt, **weight):
+        return models.sample(model, 1, 0, [prompt], steps=2, **weight)
+
+    written, without = draw("a digit seven"), draw("a digit")
+    assert (written - without).abs().max() > 1e-4
+    torch.testing.assert_close(draw("a digit seven", embedding_weight=0.0), without, atol=1e-5, rtol=0)
+    torch.testing.assert_close(draw("a digit seven", embedding_weight=1.0), written, atol=1e-5, rtol=0)
+    text = diffusion.weighted_trigger(model, ["a digit seven"], "seven", 0.5, True, None)
+    full = model.pipeline.encode_prompt(["a digit seven"], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True)
+    plain = model.pipeline.encode_prompt(["a digit"], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True)
+    torch.testing.assert_close(text["pooled_prompt_embeds"], (full[2] + plain[2]) / 2)
+    torch.testing.assert_close(text["prompt_embeds"], (full[0] + plain[0]) / 2)
+
+
 def test_full_with_every_loss_trains_the_unet_only(base, tmp_path):
     source = diffusion.load(base)
     losses = [{"name": name} for name in ("prior", "ewc", "relational", "feature")]

@@ -238,7 +238,7 @@ def test_paths_outside_the_root_are_refused_typed_and_over_http(server, root, tm
         assert "refused, its '..' leads out of the UI's root" in html.unescape(status)
         status, *_ = client.predict("escape", "", api_name="/inspect_folder")
         assert "refused, a symbolic link in it points out of the UI's root" in html.unescape(status)
-        status, _ = client.predict(str(tmp_path), "", 1, 1, 4, 0, 1.0, "", 1.0, "", 1.0, "", 1.0, api_name="/sample")
+        status, _ = client.predict(str(tmp_path), "", 1, 1, 4, 0, 1.0, "", "", 1.0, "", 1.0, "", 1.0, api_name="/sample")
         assert "model " + str(tmp_path) + ": refused" in html.unescape(status)
         status, *_ = client.predict(str(tmp_path), {"headers": ["file", "caption", "from"], "data": [["x.png", "y", ""]]}, api_name="/save_captions")
         assert "refused" in html.unescape(status)

@@ -43,15 +43,17 @@ def load_run_model(run_or_model: str, loras: list[tuple[str, float]] | None = No
 
 
 def sample(run_or_model: str, prompts: list[str] | None = None, n: int = 16, steps: int | None = None, guidance: float | None = None, seed: int = 0,
-           loras=None, out: Path | None = None, negative_prompt: str | None = None, truncation: float = 1.0):
-    """n images NCHW in [-1, 1] (prompts cycled; GANs take none); with `out`, also a grid PNG."""
+           loras=None, out: Path | None = None, negative_prompt: str | None = None, truncation: float = 1.0, embedding_weight: float | None = None):
+    """n images NCHW in [-1, 1] (prompts cycled; GANs take none); with `out`, also a grid PNG. `embedding_weight`
+    weighs a textual-inversion run's trigger word (0: the prompt without it, 1: as trained)."""
     from genadapt import models
     from genadapt.grid import save_grid
 
     model = load_run_model(run_or_model, loras)
     if model.family == "gan" and any(prompts or []):
         raise UserError("--prompt: GANs are unconditional; sample a GAN with --seed and --truncation only")
-    images = models.sample(model, n, seed, prompts, steps=steps, guidance=guidance, negative_prompt=negative_prompt, truncation=truncation, progress=True)
+    images = models.sample(model, n, seed, prompts, steps=steps, guidance=guidance, negative_prompt=negative_prompt, truncation=truncation, progress=True,
+                           embedding_weight=embedding_weight)
     if not bool(images.isfinite().all()):
         raise UserError(f"{run_or_model}: the model produced non-finite pixels (NaN or inf); its weights or a --lora are broken, so nothing was written")
     if out is not None:

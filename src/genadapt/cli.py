@@ -164,6 +164,7 @@ def sample(
     truncation: float = typer.Option(1.0, help="GAN truncation ψ (1: none)."),
     seed: int = typer.Option(0, help="Seed; the same seed gives the same images."),
     lora: list[str] = typer.Option([], help="Add a LoRA run or file with a weight, RUN:WEIGHT (repeatable, composable)."),
+    embedding_weight: Optional[float] = typer.Option(None, help="A textual-inversion run: how strongly its trigger word acts, 0 (the prompt without it) to 1 (as trained; above 1 stresses it); every prompt must hold the word."),
     out: Path = typer.Option(Path("grid.png"), help="Grid PNG to write, or a folder: one PNG per image plus grid.png."),
     threads: Optional[int] = typer.Option(None, help="Intra-op CPU threads.  [default: 1 on 2-core machines, else the free cores]"),
 ) -> None:
@@ -186,7 +187,7 @@ def sample(
     folder = out if (out.is_dir() or not out.suffix) else None
     grid = folder / "grid.png" if folder else out
     images = run_sample(model, prompts, n=n, steps=steps, guidance=guidance, seed=seed, loras=[_parse_lora(v) for v in lora],
-                        out=grid, negative_prompt=negative_prompt, truncation=truncation)
+                        out=grid, negative_prompt=negative_prompt, truncation=truncation, embedding_weight=embedding_weight)
     if folder is not None:
         from genadapt.grid import save_image
 

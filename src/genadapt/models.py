@@ -8,6 +8,7 @@ guessed from which files happen to be in the folder.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -99,17 +100,24 @@ def load(run_or_base: str, device: str | torch.device = "cpu", allow_pickle: boo
 
 
 def sample(model, n: int, seed: int = 0, prompts: list[str] | None = None, steps: int | None = None, guidance: float | None = None,
-           negative_prompt: str | None = None, truncation: float = 1.0, progress: bool = False) -> torch.Tensor:
+           negative_prompt: str | None = None, truncation: float = 1.0, progress: bool = False, embedding_weight: float | None = None) -> torch.Tensor:
     """`n` images NCHW in [-1, 1], deterministic by seed. Diffusion cycles `prompts`; GANs take none. Steps and
-    guidance default to what a distilled student was made for, else 25 and 4."""
+    guidance default to what a distilled student was made for, else 25 and 4. `embedding_weight` weighs a
+    textual-inversion run's trigger word (families.diffusion.weighted_trigger)."""
     defaults = getattr(model, "extras", {}).get("sampling", {})
     steps = steps if steps is not None else defaults.get("steps", 25)
     guidance = guidance if guidance is not None else defaults.get("guidance", 4.0)
+    trigger = getattr(model, "extras", {}).get("trigger")
+    if embedding_weight is not None and not math.isfinite(embedding_weight):
+        raise UserError(f"--embedding-weight {embedding_weight}: the weight must be a finite number, e.g. --embedding-weight 0.25")
+    if embedding_weight is not None and trigger is None:
+        raise UserError("--embedding-weight weighs a textual-inversion run's trigger word; this model has none (it weighs a --train embedding run on a diffusion base)")
     if model.family == "gan":
         return family_module("gan").sample(model, n, seed, truncation=truncation)
     prompts = prompts or [""]
     prompts = [prompts[i % len(prompts)] for i in range(n)]
-    return family_module("diffusion").sample(model, prompts, steps=steps, guidance=guidance, seed=seed, negative_prompt=negative_prompt, progress=progress)
+    return family_module("diffusion").sample(model, prompts, steps=steps, guidance=guidance, seed=seed, negative_prompt=negative_prompt, progress=progress,
+                                             trigger_weight=None if embedding_weight is None else (trigger, embedding_weight))
 
 
 def run_prompts(run: str | Path) -> list[str]:

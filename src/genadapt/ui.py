@@ -900,7 +900,7 @@ class App:
         runs, loras = self.sample_choices()
         return (gr.update(choices=runs), *(gr.update(choices=["", *loras]) for _ in range(LORA_SLOTS)))
 
-    def sample(self, model, prompt, n, steps, guidance, seed, truncation, *lora_values):
+    def sample(self, model, prompt, n, steps, guidance, seed, truncation, embedding_weight, *lora_values):
         import numpy as np
         from PIL import Image
 
@@ -920,12 +920,13 @@ class App:
         if steps is not None and steps < 1:
             raise UserError(f"--steps {steps}: the sampler needs at least one step")
         prompts = [line.strip() for line in (prompt or "").splitlines() if line.strip()]
+        weight = _number(embedding_weight, "--embedding-weight", integer=False)
         images = run_sample(target, prompts, n=n, steps=steps, guidance=_number(guidance, "--guidance", integer=False),
-                            seed=_number(seed, "--seed") or 0, loras=loras, truncation=float(truncation or 1.0))
+                            seed=_number(seed, "--seed") or 0, loras=loras, truncation=float(truncation or 1.0), embedding_weight=weight)
         pixels = to_uint8(images)
         scale = max(1, 128 // pixels.shape[1])
         pictures = [Image.fromarray(np.ascontiguousarray(p.repeat(scale, 0).repeat(scale, 1))) for p in pixels]
-        what = model + "".join(f" + {self.root.rel(Path(p))}@{w:g}" for p, w in loras)
+        what = model + ("" if weight is None else f" (trigger at {weight:g})") + "".join(f" + {self.root.rel(Path(p))}@{w:g}" for p, w in loras)
         return _message(f"{n} image(s) of {what}, seed {_number(seed, '--seed') or 0}", "ok"), pictures
 
 
@@ -1016,6 +1017,7 @@ def build_blocks(app: App, theme=None):
                 guidance = gr.Textbox(label="--guidance (diffusion; empty: 4, or a student's own)", elem_id="ga-guidance")
                 sample_seed = gr.Number(value=0, precision=0, label="--seed", elem_id="ga-sample-seed")
                 truncation = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="--truncation (GAN)", elem_id="ga-truncation")
+                embedding_weight = gr.Textbox(label="--embedding-weight (a textual-inversion run: 0 to 1; empty: as trained)", elem_id="ga-embedding-weight")
             lora_inputs = []
             with gr.Row():
                 for slot in range(LORA_SLOTS):
@@ -1046,7 +1048,7 @@ def build_blocks(app: App, theme=None):
         refresh_outputs = [sample_model, *lora_inputs[0::2]]
         refresh_button.click(g(1 + LORA_SLOTS, 0)(app.refresh_runs), None, refresh_outputs, api_name=False)
         blocks.load(g(1 + LORA_SLOTS, 0)(app.refresh_runs), None, refresh_outputs, api_name=False)
-        sample_button.click(g(2, 0)(app.sample), [sample_model, prompt, count, sample_steps_for_sampling, guidance, sample_seed, truncation, *lora_inputs],
+        sample_button.click(g(2, 0)(app.sample), [sample_model, prompt, count, sample_steps_for_sampling, guidance, sample_seed, truncation, embedding_weight, *lora_inputs],
                             [sample_status, gallery], api_name="sample")
     return blocks
 

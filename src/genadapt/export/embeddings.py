@@ -88,8 +88,9 @@ def save_embeddings(token: str, vectors: list[torch.Tensor], out: Path, metadata
     return files
 
 
-def load_into(pipeline, folder: Path) -> None:
-    """Load a run's embeddings into a pipeline (both encoders for SDXL), each file checked first."""
+def load_into(pipeline, folder: Path) -> str:
+    """Load a run's embeddings into a pipeline (both encoders for SDXL), each file checked first; returns the
+    word prompts trigger them with."""
     folder = Path(folder)
     pairs = [(pipeline.tokenizer, pipeline.text_encoder)]
     if getattr(pipeline, "text_encoder_2", None) is not None:
@@ -102,6 +103,7 @@ def load_into(pipeline, folder: Path) -> None:
         file_token, rows = checked_embedding(path, tokenizer, encoder)
         token = token or file_token  # SDXL: the second file's rows go under the first file's word
         pipeline.load_textual_inversion(rows, token=token, text_encoder=encoder, tokenizer=tokenizer)
+    return token
 
 
 def checked_embedding(path: Path, tokenizer, encoder) -> tuple[str, torch.Tensor]:

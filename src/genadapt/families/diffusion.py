@@ -125,6 +125,8 @@ def resolve_base(base: str) -> str:
     if base.startswith(("/", ".", "~")) or "\\" in base or base.count("/") != 1:
         # Not a hub id (org/name): a folder the user mistyped, which diffusers would look up on the hub.
         raise UserError(f"--base {base}: no such folder; pass pocket-sd, a pipeline folder saved with save_pretrained, or a hub id (org/name)")
+    if path.parent.is_dir():  # `runs/my-base` where ./runs exists: a mistyped folder, not an org on the hub
+        raise UserError(f"--base {base}: no such folder in {path.parent}/ (neither a run nor a pipeline folder); check the name, or, if {base} is a hub id, run from a folder without a {path.parent}/")
     return base  # a hub id: diffusers resolves it (from its cache when offline)
 
 
@@ -293,25 +295,62 @@ def sample(
     negative_prompt: str | None = None,
     batch_size: int = 16,
     progress: bool = False,
+    trigger_weight: tuple[str, float] | None = None,
 ) -> torch.Tensor:
-    """NCHW images in [-1, 1], one per prompt, deterministic by seed (DDIM unless the pipeline says otherwise)."""
+    """NCHW images in [-1, 1], one per prompt, deterministic by seed (DDIM unless the pipeline says otherwise).
+    `trigger_weight` (word, w) weighs a learned trigger word in every prompt (`weighted_trigger`)."""
     from tqdm.auto import tqdm
 
     generator = torch.Generator().manual_seed(seed)
     images = []
     chunks = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
     for chunk in tqdm(chunks, desc="sampling", disable=not progress, unit="batch"):
+        negative = [negative_prompt] * len(chunk) if negative_prompt else None
         with torch.no_grad():
+            text = {"prompt": chunk, "negative_prompt": negative} if trigger_weight is None else weighted_trigger(model, chunk, *trigger_weight, guidance > 1, negative)
             result = model.pipeline(
-                chunk,
+                **text,
                 num_inference_steps=steps,
                 guidance_scale=guidance,
-                negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
                 generator=generator,
                 output_type="pt",
             )
         images.append(result.images.float().mul(2).sub(1))
     return torch.cat(images)
+
+
+def without_word(prompt: str, word: str) -> str:
+    """The prompt with every occurrence of the trigger `word` (and its spelled-out vectors, `word_1`...) removed,
+    found as diffusers finds it: anywhere in the text (an added token splits `word,` or `(word)` too)."""
+    import re
+
+    return " ".join(re.sub(re.escape(word) + r"(?:_\d+)?", " ", prompt).split())
+
+
+def weighted_trigger(model: DiffusionModel, prompts: list[str], word: str, weight: float, guided: bool, negative: list[str] | None) -> dict:
+    """The pipeline's text arguments with the trigger `word` weighed by `weight`: each prompt's encoding is
+    E(without) + weight * (E(with) - E(without)), where E(without) encodes the prompt with the word removed.
+    This is a linear form of compel's blend with the word removed (damian0815/compel, DownweightMode.REMOVE, whose
+    curve differs between 0, 0.5 and 1): 0 gives the prompt as if the word were absent, 1 the prompt as written,
+    above 1 extrapolates past it. With the placeholder
+    after the caption (--token-position end) a causal text encoder gives the caption's positions the same
+    encoding in both, so only the trigger's positions and those after it move."""
+    missing = [prompt for prompt in prompts if word not in prompt]
+    if missing:
+        raise UserError(f"--embedding-weight: the prompt {missing[0]!r} does not contain the trigger word {word!r}; give --prompt with it in every prompt, or drop --embedding-weight")
+    device, pipeline = model.device, model.pipeline
+    encodings = []
+    for texts in (prompts, [without_word(prompt, word) for prompt in prompts]):
+        if model.is_sdxl:
+            encodings.append(pipeline.encode_prompt(texts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=guided, negative_prompt=negative))
+        else:
+            encodings.append(pipeline.encode_prompt(texts, device, 1, guided, negative_prompt=negative))
+    (with_word, negative_embeds, *pooled), (plain, _, *pooled_plain) = encodings
+    text = {"prompt_embeds": plain + weight * (with_word - plain), "negative_prompt_embeds": negative_embeds}
+    if model.is_sdxl:
+        text["pooled_prompt_embeds"] = pooled_plain[0] + weight * (pooled[0] - pooled_plain[0])
+        text["negative_pooled_prompt_embeds"] = pooled[1]
+    return text
 
 
 def save(model: DiffusionModel, out: Path) -> Path:

@@ -185,7 +185,7 @@ def load_textual_inversion(load_base, run: Path):
     from genadapt.export.embeddings import load_into
 
     model = load_base()
-    load_into(model.pipeline, Path(run))
+    model.extras["trigger"] = load_into(model.pipeline, Path(run))  # what --embedding-weight weighs
     return model
 
 
