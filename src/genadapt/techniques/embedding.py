@@ -51,7 +51,7 @@ class EmbeddingSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     learnable_property: Literal["object", "style"] | None = setting(None, "Train on textual inversion's prompt templates instead of the captions (diffusers' --learnable_property): object 'a photo of a {}', style 'a painting in the style of {}'; one template per image.")
     token: str = setting("<genadapt>", "--train embedding: the new token.", aliases=("--placeholder-token",), min_length=1)
-    token_position: Literal["start", "end"] = setting("start", "Where the placeholder joins a caption that lacks it: start ('<t> a flag of France'), or end, where a causal text encoder (CLIP) encodes the caption's own words exactly as without it (on unseen-content prompts it kept more content and added more of the target's style: docs/benchmarks.md).")
+    token_position: Literal["start", "end"] = setting("start", "Where the placeholder joins a caption that lacks it: start ('<t> a flag of France'), or end, where a causal text encoder (CLIP) encodes the caption's own words exactly as without it (on unseen-content prompts it kept more content and added more of the target's style, and with genadapt sample --embedding-weight it keeps the content; on the target's own captions it scored worse: docs/benchmarks.md).")
     init_token: str | None = setting(None, "Word to start the embedding from (else the mean of the vocabulary).", aliases=("--initializer-token",))
     vectors: int = setting(1, "Embedding vectors per token.", ge=1, le=75, aliases=("--num-vectors",))
     max_norm: float | None = setting(None, "Cap each learned vector's L2 norm at this multiple of the vocabulary's mean word norm (1: a typical word's), so the placeholder cannot drown the prompt's other words.", gt=0)
