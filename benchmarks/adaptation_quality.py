@@ -166,9 +166,9 @@ def ti_position(jobs: int) -> None:
           "prompt's emoji in top 5: Δ vs base [95% CI] | vector norms |")
     print("|---|---|---|---|---|---|---|")
     for domain in DOMAINS:
+        settings = {"base": "pocket-sd", "data": f"builtin:openmoji/{domain}", "reference": f"builtin:openmoji/{domain}/reference",
+                    "seed": 0, "sample_steps": 25}
         for name, (training, weight) in TI_VARIANTS.items():
-            settings = {"base": "pocket-sd", "data": f"builtin:openmoji/{domain}", "reference": f"builtin:openmoji/{domain}/reference",
-                        "seed": 0, "sample_steps": 25}
             u, grids = unseen_content(runs[domain, training], settings, embedding_weight=weight)
             u["embedding_weight"] = weight
             results[f"{domain}: {name}"] = u
@@ -446,13 +446,14 @@ def unseen_content(runs: list[Path], settings: dict, embedding_weight: float | N
         prefix, suffix = _placeholder(run)
         scorer = PairedKID(reference, UNSEEN_PROMPTS, seed=seed)
         for side, model, prompts in (("base", base_model, captions), ("embedding", load_run(run), [prefix + c + suffix for c in captions])):
-            if side == "base" and (settings["base"], seed, settings.get("sample_steps")) in _BASE_SAMPLES:  # the same for every row of a table
-                images = _BASE_SAMPLES[settings["base"], seed, settings.get("sample_steps")]
+            cached = (settings["base"], seed, settings.get("sample_steps"))  # the base's samples are the same for every row of a table
+            if side == "base" and cached in _BASE_SAMPLES:
+                images = _BASE_SAMPLES[cached]
             else:
                 weight = embedding_weight if side == "embedding" else None
                 images = sample(model, UNSEEN_PROMPTS, seed, prompts, steps=settings.get("sample_steps"), progress=True, embedding_weight=weight)
-            if side == "base":
-                _BASE_SAMPLES[settings["base"], seed, settings.get("sample_steps")] = images
+                if side == "base":
+                    _BASE_SAMPLES[cached] = images
             scores = scorer.scores(cached_features(style, images, progress=False).float()[:, style_only])
             sides[side]["style"].append(scores)
             for key, value in content(images).items():

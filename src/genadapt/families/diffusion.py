@@ -332,20 +332,19 @@ def weighted_trigger(model: DiffusionModel, prompts: list[str], word: str, weigh
     E(without) + weight * (E(with) - E(without)), where E(without) encodes the prompt with the word removed.
     This is a linear form of compel's blend with the word removed (damian0815/compel, DownweightMode.REMOVE, whose
     curve differs between 0, 0.5 and 1): 0 gives the prompt as if the word were absent, 1 the prompt as written,
-    above 1 extrapolates past it. With the placeholder
-    after the caption (--token-position end) a causal text encoder gives the caption's positions the same
-    encoding in both, so only the trigger's positions and those after it move."""
+    above 1 extrapolates past it. With the placeholder after the caption (--token-position end) a causal text
+    encoder gives the caption's positions the same encoding in both, so only the trigger's positions and those
+    after it move."""
     missing = [prompt for prompt in prompts if word not in prompt]
     if missing:
         raise UserError(f"--embedding-weight: the prompt {missing[0]!r} does not contain the trigger word {word!r}; give --prompt with it in every prompt, or drop --embedding-weight")
-    device, pipeline = model.device, model.pipeline
-    encodings = []
-    for texts in (prompts, [without_word(prompt, word) for prompt in prompts]):
-        if model.is_sdxl:
-            encodings.append(pipeline.encode_prompt(texts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=guided, negative_prompt=negative))
-        else:
-            encodings.append(pipeline.encode_prompt(texts, device, 1, guided, negative_prompt=negative))
-    (with_word, negative_embeds, *pooled), (plain, _, *pooled_plain) = encodings
+
+    def encode(texts: list[str], with_negative: bool) -> tuple:  # SD: (embeds, negative); SDXL adds (pooled, negative pooled)
+        return model.pipeline.encode_prompt(texts, device=model.device, num_images_per_prompt=1, do_classifier_free_guidance=with_negative,
+                                            negative_prompt=negative if with_negative else None)
+
+    # The negative side is encoded once, with the trigger's prompts.
+    (with_word, negative_embeds, *pooled), (plain, _, *pooled_plain) = encode(prompts, guided), encode([without_word(p, word) for p in prompts], False)
     text = {"prompt_embeds": plain + weight * (with_word - plain), "negative_prompt_embeds": negative_embeds}
     if model.is_sdxl:
         text["pooled_prompt_embeds"] = pooled_plain[0] + weight * (pooled[0] - pooled_plain[0])
