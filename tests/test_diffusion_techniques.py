@@ -291,3 +291,22 @@ def test_embedding_weight_blends_the_prompt_with_and_without_the_trigger(base, t
         draw([prompt], embedding_weight=float("nan"))
     with pytest.raises(UserError, match="this model has none"):
         models.sample(diffusion.load(base), 1, 0, [prompt], steps=2, embedding_weight=0.5)
+
+
+def test_a_student_distilled_from_a_textual_inversion_teacher_keeps_its_trigger(base, tmp_path):
+    """The student's tokenizer holds the teacher's learned token; the trigger word is recorded beside it, so
+    --embedding-weight weighs it on the student as on the teacher (0: the prompt without the word)."""
+    from genadapt import models
+    from genadapt.config import DistillConfig
+    from genadapt.recipes.distill import distill
+
+    _run(base, tmp_path / "ti", train="embedding", token="<glyph>", vectors=2, learning_rate=0.5, token_position="end")
+    trigger = models.load_run(tmp_path / "ti").extras["trigger"]
+    prompt = f"a digit {trigger}"
+    out = distill(DistillConfig(teacher=str(tmp_path / "ti"), kind="progressive", out=str(tmp_path / "pd"), teacher_steps=2, student_steps=1,
+                                steps=2, learning_rate=1e-4, prompts=[prompt], num_samples=2, teacher_sample_steps=2, batch_size=2,
+                                eval_images=2, reference_steps=2, checkpointing_steps=2, kid_images=0))
+    student = models.load_run(out)
+    assert student.extras["trigger"] == trigger
+    torch.testing.assert_close(models.sample(student, 2, 0, [prompt], embedding_weight=0.0), models.sample(student, 2, 0, ["a digit"]), atol=1e-5, rtol=0)
+    assert (models.sample(student, 2, 0, [prompt]) - models.sample(student, 2, 0, ["a digit"])).abs().max() > 1e-3

@@ -280,10 +280,13 @@ def _student_pipeline(model, unet, scheduler):
     return pipeline
 
 
-def _save_pipeline(pipeline, out: Path, info: dict) -> Path:
+def _save_pipeline(pipeline, out: Path, info: dict, teacher) -> Path:
+    """The student pipeline and its genadapt.json; a textual-inversion teacher's trigger word goes with it (the
+    tokenizer already holds the token), so `sample --embedding-weight` works on the student as on the teacher."""
     model = diffusion.DiffusionModel(pipeline=pipeline, base="", noise_scheduler=None)
     folder = diffusion.save(model, out)
-    write_json(folder / "genadapt.json", info)
+    trigger = teacher.extras.get("trigger")
+    write_json(folder / "genadapt.json", {**info, **({"trigger": trigger} if trigger else {})})
     return folder
 
 
@@ -328,7 +331,7 @@ def progressive(config, teacher, data, embeds, uncond, out, accelerator, run, ba
     scheduler = ddim_trailing(teacher.pipeline.scheduler.config, prediction_type=student_type)
     pipeline = _student_pipeline(teacher, final_unet, scheduler)
     sampling = {"scheduler": "DDIMScheduler", "timestep_spacing": "trailing", "num_inference_steps": config.n_steps, "guidance_scale": 1.0}
-    folder = _save_pipeline(pipeline, out / "pipeline", {"distilled": "progressive", "teacher": config.teacher, "sampling": sampling})
+    folder = _save_pipeline(pipeline, out / "pipeline", {"distilled": "progressive", "teacher": config.teacher, "sampling": sampling}, teacher)
     return {"artifact": folder, "sampling": sampling, "rounds": [f"rounds/{n}-steps" for _, n in _rounds(config)]}
 
 
@@ -414,7 +417,7 @@ def architecture(config, teacher, data, embeds, uncond, out, accelerator, run, b
     final = accelerator.unwrap_model(prepared).eval()
     pipeline = _student_pipeline(teacher, final, copy.deepcopy(teacher.pipeline.scheduler))
     sampling = {"scheduler": type(teacher.pipeline.scheduler).__name__, "num_inference_steps": config.n_steps, "guidance_scale": config.guidance}
-    folder = _save_pipeline(pipeline, out / "pipeline", {"distilled": "architecture", "teacher": config.teacher, "removed": config.remove_blocks, "sampling": sampling})
+    folder = _save_pipeline(pipeline, out / "pipeline", {"distilled": "architecture", "teacher": config.teacher, "removed": config.remove_blocks, "sampling": sampling}, teacher)
     return {
         "artifact": folder,
         "sampling": sampling,
