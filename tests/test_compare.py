@@ -253,6 +253,27 @@ def test_the_plan_pays_for_the_learning_rate_probe(tmp_path):
     assert plan.estimated_minutes == pytest.approx((0.1 * 62 + 1.0 + 3 * (0.1 * 62 / 4 + 1.0)) / 60, abs=0.005)  # rounded to 0.01 min
 
 
+def test_validation_samples_reach_every_run_and_the_plan_pays_for_their_checks(tmp_path):
+    """--validation-samples is what each run's checks draw; the budget pays for the checks: four a run by default,
+    steps / --validate-every when it is given, none at 0."""
+    from genadapt.recipes.compare import adapt_config
+
+    per_step = {"lora": 0.1, "lora:setup": 1.0}
+    common = dict(base="x", data="x", reference="x", out=tmp_path, shots=[5], techniques=["lora"], budget_minutes=0.5, min_steps=10,
+                  samples=4, replicates=1, lr_probe=1)
+
+    def plan(**values):
+        return make_plan(CompareSettings(**common, **values), per_step, per_sample=0.01)
+
+    # 30 s - 1 s setup - 8 samples (0.08 s) - checks, at 0.1 s a step
+    assert plan(validate_every=0).steps == int((30 - 1 - 0.08) / 0.1)
+    assert plan(validation_samples=64).steps == int((30 - 1 - 0.08 - 4 * 0.64) / 0.1)
+    assert plan(validation_samples=64, validate_every=10).steps == int((30 - 1 - 0.08) / (0.1 + 0.064))
+    assert plan(validation_samples=64).steps < plan().steps < plan(validate_every=0).steps
+    assert adapt_config(CompareSettings(**common, validation_samples=48), "lora", 5, 20, tmp_path / "run").validation_samples == 48
+    assert adapt_config(CompareSettings(**common), "lora", 5, 20, tmp_path / "run").validation_samples == 16
+
+
 def test_a_recommendation_worse_than_the_base_says_to_keep_the_base():
     from genadapt.eval.report import verdict_text
 

@@ -488,6 +488,7 @@ class CompareConfig(BaseModel):
     reference_share: float = setting(0.3, "Without --reference: the share of --data held out as the reference.", gt=0, lt=1)
     validate_every: int | None = setting(None, "Validate every run every N steps on held-out pool images and keep its best step (0: off).  [default: steps / 4]", ge=0)
     patience: int = setting(4, "Stop a run after this many validation checks without a better score (0: never early).", ge=0)
+    validation_samples: int = setting(16, "Samples per validation check of each run; more makes the kept step less noisy and each check dearer.", ge=4)
     lr_probe: int = setting(3, "Learning rates each technique tries, 3x apart around its default, in short runs on the largest shot count scored on held-out pool images; the best trains the real runs (1: the default rate, no probe).", ge=1, le=7)
     lr_probe_steps: int | None = setting(None, "Steps of each learning-rate probe run.  Rounded down to even: checked at half way and at the end.  [default: a quarter of the run steps, at least --min-steps, at most the run steps]", ge=1)
     executor: Literal["local", "ray"] = setting("local", "Where the runs go: local (this machine, --jobs at a time) or ray (tasks on a Ray cluster).")

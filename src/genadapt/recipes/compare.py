@@ -85,9 +85,9 @@ def adapt_config(settings: CompareConfig, technique: str, shots: int, steps: int
         "base": settings.base, "data": settings.data, "shots": shots, "seed": settings.seed + replicate, "steps": steps,
         "batch_size": settings.batch_size, "checkpointing_steps": max(10, steps // 4), "out": out,
         # Best step by validation on the pool images that are not this run's shots (never the final reference).
-        # Four cheap checks a run (16 samples each) find the best step at a fraction of the training's cost.
+        # Four cheap checks a run (--validation-samples, 16 by default) find the best step at a fraction of the training's cost.
         "validate_every": max(1, steps // 4) if settings.validate_every is None else settings.validate_every,
-        "validation_samples": 16, "patience": settings.patience, "copy_ceiling": settings.copy_ceiling,
+        "validation_samples": settings.validation_samples, "patience": settings.patience, "copy_ceiling": settings.copy_ceiling,
         **reading(settings),  # a GAN's caption flags are their defaults here (CompareConfig refuses others)
         **({"caption": settings.caption} if family == "diffusion" else {}),
         **family_module(family).COMPARE,
@@ -211,15 +211,21 @@ def make_plan(settings: CompareConfig, per_step: dict[str, float], per_sample: f
     # The learning-rate probe: `probes` runs a technique, a quarter of the steps each (or --lr-probe-steps), each validated.
     probe_share = 0.0 if settings.lr_probe_steps else 0.25
 
+    # Each run's validation: four checks by default, one every --validate-every steps when it is given, none at 0.
+    every = settings.validate_every
+    per_check = settings.validation_samples * per_sample
+
     def cost(selected, steps, replicates):
-        eval_seconds = (len(selected) + replicates) * settings.samples * per_sample
+        checks = 4 if every is None else (steps / every if every else 0)
+        eval_seconds = (len(selected) + replicates) * settings.samples * per_sample + len(selected) * checks * per_check
         probe_steps = settings.lr_probe_steps or steps * probe_share
         probe_seconds = probes * sum(per_step[t] * probe_steps + per_step[t + ":setup"] + PROBE_CHECKS * PROBE_VALIDATION_SAMPLES * per_sample
                                     for t in settings.techniques)
         return sum(per_step[t] * steps + per_step[t + ":setup"] for t, _, _ in selected) + eval_seconds + probe_seconds
 
     def fitting_steps(selected, replicates):
-        per_planned_step = sum(per_step[t] for t, _, _ in selected) + probes * probe_share * sum(per_step[t] for t in settings.techniques)
+        per_planned_step = (sum(per_step[t] for t, _, _ in selected) + probes * probe_share * sum(per_step[t] for t in settings.techniques)
+                            + (len(selected) * per_check / every if every else 0))
         return int((budget - cost(selected, 0, replicates)) / max(1e-9, per_planned_step))
 
     dropped = []
