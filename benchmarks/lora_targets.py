@@ -10,7 +10,8 @@ ResNet blocks and the down/upsamplers (LoCon). The arms:
     attention r4   (the default)      --lora-targets to_q to_k to_v to_out.0
     attention r16                      the same, --rank 16
     transformer r4 (kohya's default)   + proj_in proj_out ff.net.0.proj ff.net.2
-    locon r4       (kohya + conv_dim)  + conv1 conv2 conv_shortcut conv (ResNet blocks, down/upsamplers)
+    locon r4       (kohya + conv_dim)  + conv1 conv2 conv_shortcut conv (ResNet blocks, down/upsamplers; sd-scripts'
+                                       --conv_dim also wraps the ResNet blocks' time_emb_proj, left out here)
 
 Every arm is the command a user types, in a child process on one thread:
 
@@ -189,7 +190,8 @@ def main() -> None:
     from adaptation_quality import _run_all  # jobs at a time; the first failure stops the rest
 
     _run_all(commands, args.jobs)
-    print(f"trained ({(time.time() - started) / 60:.1f} min)", flush=True)
+    trained_minutes = round((time.time() - started) / 60, 1)  # 0 when every run was already trained (a resumed call)
+    print(f"trained ({trained_minutes} min)", flush=True)
     results = {}
     for domain in domains:
         results[domain] = evaluate_domain(runs, domain, arms, rates, replicates)
@@ -204,7 +206,8 @@ def main() -> None:
             shutil.copyfile(folder(runs, domain, arm, rate, 0) / "eval" / "samples.png", docs / f"lora-targets-{domain}-{arm}-lr{rate:g}.png")
     out = ROOT / "benchmarks" / "results" / "lora_targets.json"
     out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "steps": steps, "replicates": replicates, "results": results,
-                               "tables": {d: table(r) for d, r in results.items()}, "minutes": round((time.time() - started) / 60, 1)}, indent=1))
+                               "tables": {d: table(r) for d, r in results.items()}, "minutes": round((time.time() - started) / 60, 1),
+                               "train_minutes_this_call": trained_minutes}, indent=1))
     print(out)
 
 

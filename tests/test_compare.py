@@ -7,6 +7,8 @@ import yaml
 
 from diffusion_fixtures import build_tiny_pipeline
 from genadapt.config import CompareConfig as CompareSettings
+from genadapt.errors import UserError
+from genadapt.families.diffusion import COMPARE
 from genadapt.recipes.compare import ComparePlan, compare, make_plan
 
 
@@ -265,13 +267,31 @@ def test_validation_samples_reach_every_run_and_the_plan_pays_for_their_checks(t
     def plan(**values):
         return make_plan(CompareSettings(**common, **values), per_step, per_sample=0.01)
 
-    # 30 s - 1 s setup - 8 samples (0.08 s) - checks, at 0.1 s a step
+    # 30 s - 1 s setup - 8 samples (0.08 s) - checks, at 0.1 s a step; a check samples at the runs' sampler steps
+    # (COMPARE's 10), where the probe's 0.01 s a sample was timed at --sample-steps 25
+    check = 64 * 0.01 * COMPARE["sample_steps"] / 25
     assert plan(validate_every=0).steps == int((30 - 1 - 0.08) / 0.1)
-    assert plan(validation_samples=64).steps == int((30 - 1 - 0.08 - 4 * 0.64) / 0.1)
-    assert plan(validation_samples=64, validate_every=10).steps == int((30 - 1 - 0.08) / (0.1 + 0.064))
+    assert plan(validation_samples=64).steps == int((30 - 1 - 0.08 - 4 * check) / 0.1)
+    assert plan(validation_samples=64, validate_every=10).steps == int((30 - 1 - 0.08) / (0.1 + check / 10))
     assert plan(validation_samples=64).steps < plan().steps < plan(validate_every=0).steps
-    assert adapt_config(CompareSettings(**common, validation_samples=48), "lora", 5, 20, tmp_path / "run").validation_samples == 48
+    run = adapt_config(CompareSettings(**common, validation_samples=48), "lora", 5, plan().steps, tmp_path / "run")
+    assert run.validation_samples == 48 and plan().steps // run.validate_every == 4  # the four checks the plan charges
     assert adapt_config(CompareSettings(**common), "lora", 5, 20, tmp_path / "run").validation_samples == 16
+    with pytest.raises(UserError, match="--validation-samples applies when runs are validated"):
+        CompareSettings(**common, validation_samples=48, validate_every=0)
+
+
+def test_the_timing_probe_runs_no_validation_check(base, tmp_path):
+    """The plan charges each run's checks itself: checks inside the probe's timed steps would be charged again in
+    every step's price."""
+    from genadapt.recipes.compare import adapt_config, probe
+
+    settings = _settings(base, tmp_path)
+    settings.techniques, settings.shots = ["lora"], [2]
+    assert adapt_config(settings, "lora", 2, settings.probe_steps, tmp_path / "x").validate_every == 1  # a run this short checks every step
+    probe(settings, tmp_path / "probe")
+    log = tmp_path / "probe" / "lora" / "validation.jsonl"
+    assert not log.is_file() or not log.read_text().strip()
 
 
 def test_a_recommendation_worse_than_the_base_says_to_keep_the_base():

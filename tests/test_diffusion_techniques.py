@@ -301,12 +301,16 @@ def test_a_student_distilled_from_a_textual_inversion_teacher_keeps_its_trigger(
     from genadapt.recipes.distill import distill
 
     _run(base, tmp_path / "ti", train="embedding", token="<glyph>", vectors=2, learning_rate=0.5, token_position="end")
-    trigger = models.load_run(tmp_path / "ti").extras["trigger"]
+    teacher = models.load_run(tmp_path / "ti")
+    trigger = teacher.extras["trigger"]
     prompt = f"a digit {trigger}"
     out = distill(DistillConfig(teacher=str(tmp_path / "ti"), kind="progressive", out=str(tmp_path / "pd"), teacher_steps=2, student_steps=1,
                                 steps=2, learning_rate=1e-4, prompts=[prompt], num_samples=2, teacher_sample_steps=2, batch_size=2,
                                 eval_images=2, reference_steps=2, checkpointing_steps=2, kid_images=0))
     student = models.load_run(out)
     assert student.extras["trigger"] == trigger
+    learned = teacher.tokenizer.convert_tokens_to_ids(trigger)
+    assert learned != teacher.tokenizer.unk_token_id and student.tokenizer.convert_tokens_to_ids(trigger) == learned
+    torch.testing.assert_close(student.text_encoder.get_input_embeddings().weight[learned], teacher.text_encoder.get_input_embeddings().weight[learned])
     torch.testing.assert_close(models.sample(student, 2, 0, [prompt], embedding_weight=0.0), models.sample(student, 2, 0, ["a digit"]), atol=1e-5, rtol=0)
     assert (models.sample(student, 2, 0, [prompt]) - models.sample(student, 2, 0, ["a digit"])).abs().max() > 1e-3

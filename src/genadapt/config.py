@@ -506,6 +506,8 @@ class CompareConfig(BaseModel):
         ray_only = [name for name in ("address", "cpus_per_run", "gpus_per_run", "retries") if changed(name)]
         if self.executor == "local" and ray_only:
             raise UserError(f"{flag(ray_only[0])} applies to --executor ray")
+        if self.validate_every == 0 and changed("validation_samples"):
+            raise UserError("--validation-samples applies when runs are validated; --validate-every 0 turns validation off")
         if self.lr_probe == 1 and self.lr_probe_steps is not None:
             raise UserError("--lr-probe-steps applies when --lr-probe is 2 or more (with --lr-probe 1 no probe runs)")
         if self.executor == "ray" and changed("jobs"):

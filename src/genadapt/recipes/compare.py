@@ -190,6 +190,8 @@ def probe(settings: CompareConfig, scratch: Path) -> tuple[dict[str, float], flo
         config = adapt_config(settings, technique, min(settings.shots), settings.probe_steps, scratch / technique)
         config.num_validation_images = 1
         config.sample_steps = 1
+        if config.validate_every:  # its set-up is timed; no check runs inside the timed steps (make_plan charges them)
+            config.validate_every = settings.probe_steps + 1
         started = time.time()
         adapt(config)
         summary = json.loads((scratch / technique / "summary.json").read_text())
@@ -204,6 +206,8 @@ def probe(settings: CompareConfig, scratch: Path) -> tuple[dict[str, float], flo
 def make_plan(settings: CompareConfig, per_step: dict[str, float], per_sample: float) -> ComparePlan:
     """The most replicates (up to --replicates) at which every run still gets --min-steps, then one step count for all
     runs that fits the budget; with one replicate too many, the most expensive runs are dropped first."""
+    from genadapt.families import family_module
+
     budget = settings.budget_minutes * 60
     cap = settings.max_steps or (1000 if settings.family == "gan" else 400)
 
@@ -212,14 +216,16 @@ def make_plan(settings: CompareConfig, per_step: dict[str, float], per_sample: f
     probe_share = 0.0 if settings.lr_probe_steps else 0.25
 
     # Each run's validation: four checks by default, one every --validate-every steps when it is given, none at 0.
+    # A check samples at the runs' sampler steps (diffusion: the family's COMPARE setting), not at --sample-steps.
     every = settings.validate_every
-    per_check = settings.validation_samples * per_sample
+    check_share = family_module(settings.family).COMPARE.get("sample_steps", settings.sample_steps) / settings.sample_steps
+    per_check = settings.validation_samples * per_sample * check_share
 
     def cost(selected, steps, replicates):
         checks = 4 if every is None else (steps / every if every else 0)
         eval_seconds = (len(selected) + replicates) * settings.samples * per_sample + len(selected) * checks * per_check
         probe_steps = settings.lr_probe_steps or steps * probe_share
-        probe_seconds = probes * sum(per_step[t] * probe_steps + per_step[t + ":setup"] + PROBE_CHECKS * PROBE_VALIDATION_SAMPLES * per_sample
+        probe_seconds = probes * sum(per_step[t] * probe_steps + per_step[t + ":setup"] + PROBE_CHECKS * PROBE_VALIDATION_SAMPLES * per_sample * check_share
                                     for t in settings.techniques)
         return sum(per_step[t] * steps + per_step[t + ":setup"] for t, _, _ in selected) + eval_seconds + probe_seconds
 
