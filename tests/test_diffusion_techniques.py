@@ -309,6 +309,7 @@ def test_a_student_distilled_from_a_textual_inversion_teacher_keeps_its_trigger(
                                 eval_images=2, reference_steps=2, checkpointing_steps=2, kid_images=0))
     student = models.load_run(out)
     assert student.extras["trigger"] == trigger
+    assert diffusion.load(str(out / "pipeline")).extras["trigger"] == trigger  # the student's folder on its own, too
     learned = teacher.tokenizer.convert_tokens_to_ids(trigger)
     assert learned != teacher.tokenizer.unk_token_id and student.tokenizer.convert_tokens_to_ids(trigger) == learned
     torch.testing.assert_close(student.text_encoder.get_input_embeddings().weight[learned], teacher.text_encoder.get_input_embeddings().weight[learned])

@@ -63,11 +63,8 @@ def load_run(run: str | Path, device: str | torch.device = "cpu"):
         model = family.load(str(run / record["artifact"]), device=device)
         info = run / record["artifact"] / "genadapt.json"
         if info.is_file():  # a fewer-step student samples at its own step count and guidance
-            recorded = json.loads(info.read_text(encoding="utf-8"))
-            sampling = recorded.get("sampling", {})
+            sampling = json.loads(info.read_text(encoding="utf-8")).get("sampling", {})
             model.extras["sampling"] = {"steps": sampling.get("num_inference_steps", 25), "guidance": sampling.get("guidance_scale", 4.0)}
-            if recorded.get("trigger"):  # a textual-inversion teacher's word, in the student's tokenizer
-                model.extras["trigger"] = recorded["trigger"]
         return model
     implementation = techniques.get(record["train"], "parameter", record["family"])
     if implementation.load is None:

@@ -10,6 +10,7 @@ concatenated, plus the second encoder's pooled projection and six "micro-conditi
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,6 +191,14 @@ def load(base: str, dtype: torch.dtype = torch.float32, device: str | torch.devi
         # added placeholder once textual inversion adds one (transformers#24650); pool at the real EOS.
         if tokenizer.eos_token_id is not None and hasattr(encoder, "text_model"):
             encoder.config.eos_token_id = encoder.text_model.eos_token_id = tokenizer.eos_token_id
+    info = Path(location) / "genadapt.json"  # a distilled student: its textual-inversion teacher's trigger word
+    if info.is_file():
+        try:
+            trigger = json.loads(info.read_text(encoding="utf-8")).get("trigger")
+        except (ValueError, AttributeError) as exc:
+            raise UserError(f"--base {base}: {info} is not a JSON object ({_first_line(exc)}); restore it or delete it") from None
+        if trigger:
+            model.extras["trigger"] = trigger
     return model
 
 
