@@ -16,7 +16,9 @@ import pytest
 from diffusion_fixtures import build_tiny_pipeline
 
 ray = pytest.importorskip("ray")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# Under the suite's load on 2 cores a Ray client has once given up on a starved GCS after its default 60 s
+# ("Failed to connect to GCS within 60 seconds"); these runs may wait longer.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_gcs_rpc_server_reconnect_timeout_s": "300", "RAY_gcs_rpc_server_connect_timeout_s": "300"}
 # Several processes per test, and `ray stop --force` ends every local Ray cluster: under pytest-xdist one worker
 # runs the multi-process tests in turn, beside the single-process ones.
 pytestmark = pytest.mark.xdist_group("multi-process")
