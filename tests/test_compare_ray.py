@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -18,10 +19,13 @@ from diffusion_fixtures import build_tiny_pipeline
 ray = pytest.importorskip("ray")
 # Under the suite's load on 2 cores a Ray client has once given up on a starved GCS after its default 60 s
 # ("Failed to connect to GCS within 60 seconds"); these runs may wait longer.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_gcs_rpc_server_reconnect_timeout_s": "300", "RAY_gcs_rpc_server_connect_timeout_s": "300"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_gcs_rpc_server_reconnect_timeout_s": "300", "RAY_gcs_rpc_server_connect_timeout_s": "300",
+       "RAY_health_check_failure_threshold": "30"}  # a starved raylet is not declared dead after 5 missed 3 s checks
 # Several processes per test, and `ray stop --force` ends every local Ray cluster: under pytest-xdist one worker
 # runs the multi-process tests in turn, beside the single-process ones.
 pytestmark = pytest.mark.xdist_group("multi-process")
+# How a dead local cluster (not a failed run) reads in the driver's stderr.
+RAY_CLUSTER_DIED = ("Failed to connect to GCS", "RayletDiedError", "GCS may have been killed")
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +50,19 @@ def _comparable(results: dict) -> dict:
     return {"runs": runs, "decision": decision, "failed": results.get("failed"), "lr_probe": results.get("lr_probe")}
 
 
-def _ray_workers() -> list[int]:
+def _ray_workers() -> list[tuple[int, str]]:
     listing = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in listing.splitlines() if "ray::run_one" in line or "ray::lora" in line or "ray::embedding" in line]
+    return [(int(line.split()[0]), line) for line in listing.splitlines() if "ray::run_one" in line or "ray::lora" in line or "ray::embedding" in line]
+
+
+def _ray_logs() -> str:
+    """The tails of the local cluster's GCS and raylet logs: why a cluster died, for the failure message."""
+    logs = Path(os.environ.get("RAY_TMPDIR", "/tmp/ray")) / "session_latest" / "logs"
+    tails = []
+    for name in ("gcs_server.out", "gcs_server.err", "raylet.out", "raylet.err"):
+        if (logs / name).is_file():
+            tails.append(f"--- {name}\n" + "\n".join((logs / name).read_text(errors="replace").splitlines()[-15:]))
+    return "\n".join(tails)
 
 
 def test_ray_executor_matches_local_and_survives_a_killed_worker(base, tmp_path):
@@ -62,9 +76,9 @@ def test_ray_executor_matches_local_and_survives_a_killed_worker(base, tmp_path)
         log = tmp_path / "ray" / "runs" / "lora-2shot-r0" / "log.jsonl"
         while time.time() < deadline and not killed:
             if log.is_file() and log.read_text().strip():
-                for pid in _ray_workers():
+                for pid, line in _ray_workers():
                     os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
+                    killed.append(line)
                     break
             time.sleep(0.05)
 
@@ -72,7 +86,14 @@ def test_ray_executor_matches_local_and_survives_a_killed_worker(base, tmp_path)
     watcher.start()
     done = subprocess.run(_args(base, tmp_path / "ray", "ray"), env=ENV, capture_output=True, text=True, timeout=900)
     watcher.join()
-    assert done.returncode == 0, done.stderr[-3000:]
+    if done.returncode != 0 and any(sign in done.stderr for sign in RAY_CLUSTER_DIED):
+        # The local cluster itself died under the suite's load (2 of ~8 CI-like runs): what a user does then is
+        # run the same command again, and compare resumes, keeping the runs that finished.
+        first = f"first try: {done.stderr[-1500:]}\n{_ray_logs()}"
+        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], env=ENV, capture_output=True, timeout=120)
+        done = subprocess.run(_args(base, tmp_path / "ray", "ray"), env=ENV, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, f"{first}\nresumed: {done.stderr[-1500:]}"
+    assert done.returncode == 0, f"killed: {killed}\n{done.stderr[-3000:]}\n{_ray_logs()}"
     assert killed, "no Ray worker was found to kill"
     remote = json.loads((tmp_path / "ray" / "results.json").read_text())
     assert _comparable(remote) == _comparable(local)
@@ -91,8 +112,6 @@ def test_without_ray_the_executor_is_one_line(tmp_path):
 
 
 def test_the_slurm_template_parses_and_its_ray_start_commands_work_locally(tmp_path):
-    from pathlib import Path
-
     template = Path(__file__).resolve().parents[1] / "examples" / "slurm_ray_compare.sbatch"
     assert subprocess.run(["bash", "-n", str(template)]).returncode == 0
     text = template.read_text()
