@@ -13,6 +13,7 @@ rerunning with `--config RUN/config.yaml` reproduces the run.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -455,6 +456,71 @@ def comma_list(value):
 
 # ----------------------------------------------------------------------------- compare
 
+# What `compare` sets alike for every run (recipes.compare.adapt_config): a --variant may not set these.
+COMPARE_SHARED = frozenset({
+    "base", "data", "shots", "seed", "steps", "batch_size", "checkpointing_steps", "out", "validate_every", "validation_samples",
+    "patience", "copy_ceiling", "fit", "background", "caption_extension", "caption_column", "strict", "caption", "num_validation_images",
+    "sample_steps", "train",
+})
+VARIANT_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+def parse_variant(spec: str, family: str) -> tuple[str, str, dict]:
+    """`NAME=TECHNIQUE,KEY=VALUE,...` as (NAME, TECHNIQUE, the technique's compare preset with the values over it).
+    A part without `=` continues the list before it (`lora_targets=to_q,to_v`); a repeated key adds to its list."""
+    from genadapt import techniques
+
+    example = "e.g. --variant lora_r16=lora,rank=16"
+    head, *parts = [part.strip() for part in spec.split(",")]
+    name, _, technique = head.partition("=")
+    presets = techniques.compare_presets(family)
+    if not technique:
+        raise UserError(f"--variant {spec}: write NAME=TECHNIQUE,KEY=VALUE,..., {example}")
+    if not VARIANT_NAME.fullmatch(name):
+        raise UserError(f"--variant {spec}: NAME {name!r} must be lower-case letters, digits and _, starting with a letter (it names run folders), {example}")
+    if name in presets:
+        raise UserError(f"--variant {spec}: {name} is a technique's own name; give the variant another, {example}")
+    if technique not in presets:
+        raise UserError(f"--variant {spec}: {technique} is not a compare technique for {family} bases; choose from {', '.join(presets)}")
+    values: dict[str, list[str]] = {}
+    key = None
+    for part in parts:
+        if "=" in part:
+            key, _, value = part.partition("=")
+            key = key.strip().replace("-", "_")
+            if key in COMPARE_SHARED:
+                raise UserError(f"--variant {name}: {key} is set alike for every run of compare (--{key.replace('_', '-')}); a variant sets its technique's own settings")
+            if key not in AdaptConfig.model_fields and not techniques.readers(key):
+                raise UserError(f"--variant {name}: {key} is not a setting of genadapt adapt; see genadapt adapt --help")
+            values.setdefault(key, []).append(value.strip())
+        elif key is None:
+            raise UserError(f"--variant {spec}: {part!r} is not KEY=VALUE, {example}")
+        elif part:
+            values[key].append(part)
+    preset = dict(presets[technique])
+    for key, items in values.items():
+        if _takes_a_list(key, family):
+            preset[key] = items
+        elif len(items) > 1:
+            raise UserError(f"--variant {name}: {key} takes one value, not {','.join(items)}")
+        else:
+            preset[key] = items[0]
+    return name, technique, preset
+
+
+def _takes_a_list(key: str, family: str) -> bool:
+    import typing
+
+    from genadapt import techniques
+
+    if key in AdaptConfig.model_fields:
+        annotation = AdaptConfig.model_fields[key].annotation
+    else:
+        readers = [(t, kind, f) for t, kind, f in techniques.readers(key) if f == family] or techniques.readers(key)
+        technique, _, reader_family = readers[0]
+        annotation = techniques.registry()[technique].families[reader_family].settings.model_fields[key].annotation
+    return typing.get_origin(annotation) is list
+
 
 class CompareConfig(BaseModel):
     """Everything one `genadapt compare` reads; every field is a flag of the same name."""
@@ -497,6 +563,7 @@ class CompareConfig(BaseModel):
     cpus_per_run: float = setting(1.0, "--executor ray: CPUs each run declares.", gt=0)
     gpus_per_run: float = setting(0.0, "--executor ray: GPUs each run declares.", ge=0)
     retries: int = setting(2, "--executor ray: retries of a run whose worker died or that raised, before it is reported as failed.", ge=0)
+    variant: list[str] = setting(list, "A technique with other settings, compared beside the rest under its own name: NAME=TECHNIQUE,KEY=VALUE,... (repeatable), e.g. --variant lora_r16=lora,rank=16; KEY is a setting of genadapt adapt the technique reads (rank, lora_targets, learning_rate, loss, ...).")
 
     @model_validator(mode="after")
     def _executor_settings(self):
@@ -536,10 +603,36 @@ class CompareConfig(BaseModel):
         presets = techniques.compare_presets(family)
         if self.techniques is None:
             self.techniques = list(family_module(family).COMPARE_TECHNIQUES)
+        variants = self.variants()
         for name in self.techniques:
-            if name not in presets:
-                raise UserError(f"--techniques {name}: not a compare technique for {family} bases; choose from {', '.join(presets)}")
+            if name not in presets and name not in variants:
+                raise UserError(f"--techniques {name}: not a compare technique for {family} bases; choose from {', '.join(presets)}, or define it with --variant {name}=TECHNIQUE,KEY=VALUE")
+        self.techniques += [name for name in variants if name not in self.techniques]
+        for name, (_, preset) in variants.items():  # each variant's adapt settings, checked now rather than in its first run
+            try:
+                AdaptConfig(base=self.base, data=self.data, out=Path("variant"), **family_module(family).COMPARE, **preset)
+            except ValidationError as exc:
+                raise UserError(f"--variant {name}: {_first_error(exc)}") from None
+            except UserError as exc:
+                raise UserError(f"--variant {name}: {exc}") from None
         return self
+
+    def variants(self) -> dict[str, tuple[str, dict]]:
+        """{NAME: (technique, adapt settings)} of each --variant: the technique's compare preset with its settings over it."""
+        variants = {}
+        for spec in self.variant:
+            name, technique, preset = parse_variant(spec, self.family)
+            if name in variants:
+                raise UserError(f"--variant {name}: given twice; give each variant its own name")
+            variants[name] = (technique, preset)
+        return variants
+
+    def preset(self, technique: str) -> dict:
+        """The adapt settings `compare` runs TECHNIQUE (a registered one or a --variant) with."""
+        from genadapt import techniques
+
+        variants = self.variants()
+        return variants[technique][1] if technique in variants else techniques.compare_presets(self.family)[technique]
 
     @property
     def family(self) -> str:

@@ -144,6 +144,12 @@ def worse_than_base(advice: dict) -> bool:
     return pick is not None and advice.get("worse_than_base", advice["techniques"][pick]["vs_base"]["ci_low"] > 0)
 
 
+def _option_value(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def verdict(results: dict) -> list[str]:
     """Per shot count, a sentence a user can act on: what to use, with what settings, beating what by how much,
     what ties it and why the recommendation among the tied, and what the run could not have detected."""
@@ -156,7 +162,7 @@ def verdict(results: dict) -> list[str]:
         if pick is None:
             lines.append(f"With {shots} shot(s): no technique qualifies: {', '.join(disqualified)}.")
             continue
-        options = ", ".join(f"{k.replace('_', '-')} {f'{v:.3g}' if isinstance(v, float) else v}" for k, v in advice.get("settings", {}).items() if k != "loss")
+        options = ", ".join(f"{k.replace('_', '-')} {_option_value(v)}" for k, v in advice.get("settings", {}).items())
         vs_base = table[pick]["vs_base"]
         if worse_than_base(advice):
             text = (f"With {shots} shot(s) keep the <b>unadapted base</b>: the best qualified technique, {html.escape(pick)}"

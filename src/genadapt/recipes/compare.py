@@ -74,14 +74,21 @@ def parse_run_name(name: str) -> tuple[str, int, int]:
 
 def adapt_config(settings: CompareConfig, technique: str, shots: int, steps: int, out: Path, replicate: int = 0,
                  learning_rate: float | None = None) -> AdaptConfig:
-    """The adapt run `compare` makes of a technique: its registered compare preset on the shared settings.
-    Replicate r trains with seed + r: another draw of the k shots where the pool allows, another initialisation
-    and other noise."""
-    from genadapt import techniques
+    """The adapt run `compare` makes of a technique: its compare preset (registered, or a --variant's) on the shared
+    settings. Replicate r trains with seed + r: another draw of the k shots where the pool allows, another
+    initialisation and other noise."""
+    values = {**shared_settings(settings, shots, steps, out, replicate), **settings.preset(technique)}
+    if learning_rate is not None:
+        values["learning_rate"] = learning_rate
+    return AdaptConfig(**values)
+
+
+def shared_settings(settings: CompareConfig, shots: int, steps: int, out: Path, replicate: int = 0) -> dict:
+    """What every run of a compare sets alike (config.COMPARE_SHARED: a --variant may not set these)."""
     from genadapt.families import family_module
 
     family = settings.family
-    values = {
+    return {
         "base": settings.base, "data": settings.data, "shots": shots, "seed": settings.seed + replicate, "steps": steps,
         "batch_size": settings.batch_size, "checkpointing_steps": max(10, steps // 4), "out": out,
         # Best step by validation on the pool images that are not this run's shots (never the final reference).
@@ -91,11 +98,7 @@ def adapt_config(settings: CompareConfig, technique: str, shots: int, steps: int
         **reading(settings),  # a GAN's caption flags are their defaults here (CompareConfig refuses others)
         **({"caption": settings.caption} if family == "diffusion" else {}),
         **family_module(family).COMPARE,
-        **techniques.compare_presets(family)[technique],
     }
-    if learning_rate is not None:
-        values["learning_rate"] = learning_rate
-    return AdaptConfig(**values)
 
 
 LR_PROBE_FACTOR = 3.0
@@ -323,6 +326,25 @@ def _features_of(images, path: Path):
     return features
 
 
+def _refuse_redefined_variants(settings: CompareConfig, out: Path) -> None:
+    """A resumed compare keeps its finished runs: a variant name whose settings changed would pass off old runs as new."""
+    saved = out / "settings.json"
+    if not saved.is_file():
+        return
+    before = {spec.split(",")[0].partition("=")[0]: spec for spec in json.loads(saved.read_text()).get("variant") or []}
+    for spec in settings.variant:
+        name = spec.split(",")[0].partition("=")[0]
+        if name in before and settings.variants()[name] != _variant_of(before[name], settings.family):
+            raise UserError(f"--variant {name}: {out} holds runs of {name} as {before[name]}; give the new settings another name or use a new --out")
+
+
+def _variant_of(spec: str, family: str) -> tuple[str, dict]:
+    from genadapt.config import parse_variant
+
+    _, technique, preset = parse_variant(spec, family)
+    return technique, preset
+
+
 def _compare(settings: CompareConfig) -> dict:
     from tqdm.auto import tqdm
 
@@ -333,6 +355,7 @@ def _compare(settings: CompareConfig) -> dict:
     out = Path(settings.out)
     if settings.reference is None:
         settings = hold_out(settings, out)
+    _refuse_redefined_variants(settings, out)
     plan_path = out / "plan.json"
     if plan_path.is_file():
         plan = ComparePlan(**json.loads(plan_path.read_text()))  # resume: keep the plan the finished runs used
@@ -601,10 +624,11 @@ def recommend(results: dict, plan: ComparePlan, settings: CompareConfig, feature
 
 
 def _used_settings(settings: CompareConfig, technique: str, run: dict) -> dict:
-    """The settings to repeat the recommended run: its compare preset, with the learning rate it trained at."""
-    from genadapt import techniques
-
-    used = {k: v for k, v in techniques.compare_presets(settings.family)[technique].items() if k != "train"}
+    """The settings to repeat the recommended run: its compare preset, with the learning rate it trained at (a
+    variant's technique first)."""
+    variants = settings.variants()
+    used = {"technique": variants[technique][0]} if technique in variants else {}
+    used |= {k: v for k, v in settings.preset(technique).items() if k != "train"}
     if run.get("learning_rate") is not None:
         used["learning_rate"] = run["learning_rate"]
     return used
