@@ -281,6 +281,22 @@ def test_validation_samples_reach_every_run_and_the_plan_pays_for_their_checks(t
         CompareSettings(**common, validation_samples=48, validate_every=0)
 
 
+def test_under_16_steps_the_plan_pays_for_every_check_the_runs_make(tmp_path):
+    """A run of s steps checks every max(1, s // 4) steps: 5 to 7 times under 16 steps, not the 4 charged above."""
+    per_step = {"lora": 0.1, "lora:setup": 1.0}
+    settings = CompareSettings(base="x", data="x", reference="x", out=tmp_path, shots=[5], techniques=["lora"], budget_minutes=0.048,
+                               min_steps=2, samples=4, replicates=1, lr_probe=1, validation_samples=64)
+    per_sample = 0.01
+    check = 64 * per_sample * COMPARE["sample_steps"] / 25
+
+    def seconds(steps):
+        return 1 + 8 * per_sample + steps * 0.1 + steps // max(1, steps // 4) * check
+
+    fitting = max(s for s in range(1, 40) if seconds(s) <= 0.048 * 60)
+    assert fitting < 16 and fitting // max(1, fitting // 4) > 4  # the case this is about
+    assert make_plan(settings, per_step, per_sample).steps == fitting
+
+
 def test_the_timing_probe_runs_no_validation_check(base, tmp_path):
     """The plan charges each run's checks itself: checks inside the probe's timed steps would be charged again in
     every step's price."""

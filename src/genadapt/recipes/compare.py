@@ -224,9 +224,11 @@ def make_plan(settings: CompareConfig, per_step: dict[str, float], per_sample: f
     check_share = family_module(settings.family).COMPARE.get("sample_steps", settings.sample_steps) / settings.sample_steps
     per_check = settings.validation_samples * per_sample * check_share
 
+    def checks(steps):  # as the runs do: a check every validate_every steps, steps / 4 by default (more than 4 under 16 steps)
+        return 0 if every == 0 or steps < 1 else steps // (every or max(1, steps // 4))
+
     def cost(selected, steps, replicates):
-        checks = 4 if every is None else (steps / every if every else 0)
-        eval_seconds = (len(selected) + replicates) * settings.samples * per_sample + len(selected) * checks * per_check
+        eval_seconds = (len(selected) + replicates) * settings.samples * per_sample + len(selected) * checks(steps) * per_check
         probe_steps = settings.lr_probe_steps or steps * probe_share
         probe_seconds = probes * sum(per_step[t] * probe_steps + per_step[t + ":setup"] + PROBE_CHECKS * PROBE_VALIDATION_SAMPLES * per_sample * check_share
                                     for t in settings.techniques)
@@ -235,7 +237,11 @@ def make_plan(settings: CompareConfig, per_step: dict[str, float], per_sample: f
     def fitting_steps(selected, replicates):
         per_planned_step = (sum(per_step[t] for t, _, _ in selected) + probes * probe_share * sum(per_step[t] for t in settings.techniques)
                             + (len(selected) * per_check / every if every else 0))
-        return int((budget - cost(selected, 0, replicates)) / max(1e-9, per_planned_step))
+        fixed = cost(selected, 0, replicates) + (len(selected) * 4 * per_check if every is None else 0)
+        steps = int((budget - fixed) / max(1e-9, per_planned_step))
+        while steps > 0 and cost(selected, steps, replicates) > budget:  # under 16 steps a run checks more than 4 times
+            steps -= 1
+        return steps
 
     dropped = []
     for replicates in range(settings.replicates, 0, -1):
