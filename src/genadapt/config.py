@@ -14,6 +14,7 @@ rerunning with `--config RUN/config.yaml` reproduces the run.
 from __future__ import annotations
 
 import re
+import types
 from pathlib import Path
 from typing import Any, Literal
 
@@ -456,70 +457,92 @@ def comma_list(value):
 
 # ----------------------------------------------------------------------------- compare
 
-# What `compare` sets alike for every run (recipes.compare.adapt_config): a --variant may not set these.
-COMPARE_SHARED = frozenset({
-    "base", "data", "shots", "seed", "steps", "batch_size", "checkpointing_steps", "out", "validate_every", "validation_samples",
-    "patience", "copy_ceiling", "fit", "background", "caption_extension", "caption_column", "strict", "caption", "num_validation_images",
-    "sample_steps", "train",
-})
+# The training settings a compare --variant may change beside its technique's own (rank, lora_targets, ...); every
+# other adapt setting is compare's to set alike for every run (recipes.compare.shared_settings) or left at its default.
+VARIANT_TRAINING = (
+    "learning_rate", "loss", "optimizer", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power", "adam_beta1", "adam_beta2",
+    "adam_weight_decay", "adam_epsilon", "max_grad_norm", "augment", "snr_gamma", "noise_offset", "use_ema", "ema_decay", "r1_gamma",
+    "caption_dropout", "shuffle_caption", "keep_tokens", "random_flip",
+)
 VARIANT_NAME = re.compile(r"[a-z][a-z0-9_]*")
+VARIANT_EXAMPLE = "e.g. --variant lora_r16=lora,rank=16"
 
 
 def parse_variant(spec: str, family: str) -> tuple[str, str, dict]:
-    """`NAME=TECHNIQUE,KEY=VALUE,...` as (NAME, TECHNIQUE, the technique's compare preset with the values over it).
-    A part without `=` continues the list before it (`lora_targets=to_q,to_v`); a repeated key adds to its list."""
+    """`NAME=TECHNIQUE,KEY=VALUE,...` as (NAME, TECHNIQUE, the technique's compare preset with the values over it, as
+    given). A part without `=` continues the list before it (`lora_targets=to_q,to_v`); a repeated key adds to its list.
+    CompareConfig.resolve_variant validates and types the result."""
     from genadapt import techniques
 
-    example = "e.g. --variant lora_r16=lora,rank=16"
     head, *parts = [part.strip() for part in spec.split(",")]
-    name, _, technique = head.partition("=")
+    name, _, technique = (side.strip() for side in head.partition("="))
     presets = techniques.compare_presets(family)
     if not technique:
-        raise UserError(f"--variant {spec}: write NAME=TECHNIQUE,KEY=VALUE,..., {example}")
+        raise UserError(f"--variant {spec}: write NAME=TECHNIQUE,KEY=VALUE,..., {VARIANT_EXAMPLE}")
     if not VARIANT_NAME.fullmatch(name):
-        raise UserError(f"--variant {spec}: NAME {name!r} must be lower-case letters, digits and _, starting with a letter (it names run folders), {example}")
-    if name in presets:
-        raise UserError(f"--variant {spec}: {name} is a technique's own name; give the variant another, {example}")
+        raise UserError(f"--variant {spec}: NAME {name!r} must be lower-case letters, digits and _, starting with a letter (it names run folders), {VARIANT_EXAMPLE}")
+    if name == "base" or name in techniques.registry():
+        what = "the unadapted base" if name == "base" else "a technique"
+        raise UserError(f"--variant {spec}: {name} names {what} already; give the variant another name, {VARIANT_EXAMPLE}")
     if technique not in presets:
         raise UserError(f"--variant {spec}: {technique} is not a compare technique for {family} bases; choose from {', '.join(presets)}")
+    preset = dict(presets[technique])
     values: dict[str, list[str]] = {}
     key = None
     for part in parts:
         if "=" in part:
             key, _, value = part.partition("=")
             key = key.strip().replace("-", "_")
-            if key in COMPARE_SHARED:
-                raise UserError(f"--variant {name}: {key} is set alike for every run of compare (--{key.replace('_', '-')}); a variant sets its technique's own settings")
-            if key not in AdaptConfig.model_fields and not techniques.readers(key):
-                raise UserError(f"--variant {name}: {key} is not a setting of genadapt adapt; see genadapt adapt --help")
+            _check_variant_key(name, key, _settings_of(preset, family))
             values.setdefault(key, []).append(value.strip())
         elif key is None:
-            raise UserError(f"--variant {spec}: {part!r} is not KEY=VALUE, {example}")
+            raise UserError(f"--variant {spec}: {part!r} is not KEY=VALUE, {VARIANT_EXAMPLE}")
         elif part:
             values[key].append(part)
-    preset = dict(presets[technique])
     for key, items in values.items():
-        if _takes_a_list(key, family):
+        if _takes_a_list(key, preset, family):
             preset[key] = items
         elif len(items) > 1:
-            raise UserError(f"--variant {name}: {key} takes one value, not {','.join(items)}")
+            raise UserError(f"--variant {name}: {key} takes one value, not {','.join(items)} (a variant's values cannot hold commas)")
         else:
             preset[key] = items[0]
     return name, technique, preset
 
 
-def _takes_a_list(key: str, family: str) -> bool:
-    import typing
-
+def _settings_of(preset: dict, family: str) -> list[type[BaseModel]]:
+    """The settings models of a compare preset's techniques: its parameter technique and its losses."""
     from genadapt import techniques
+
+    names = [preset["train"], *(LossSpec.parse(item).name for item in preset.get("loss", []))]
+    return [techniques.registry()[name].families[family].settings for name in names]
+
+
+def _check_variant_key(name: str, key: str, models: list[type[BaseModel]]) -> None:
+    from genadapt import techniques
+
+    if key in VARIANT_TRAINING or any(key in model.model_fields for model in models):
+        return
+    if key == "train":
+        raise UserError(f"--variant {name}: the technique is the one after NAME= (NAME=TECHNIQUE,...), not train=")
+    if key in CompareConfig.model_fields or key in AdaptConfig.model_fields:
+        also = f" (compare's --{key.replace('_', '-')})" if key in CompareConfig.model_fields else ""
+        raise UserError(f"--variant {name}: {key} is compare's to set alike for every run{also}; a variant sets its technique's settings "
+                        f"and {', '.join(VARIANT_TRAINING)}")
+    if techniques.readers(key):
+        raise UserError(f"--variant {name}: {key} is not read by this variant's technique; see genadapt adapt --help")
+    raise UserError(f"--variant {name}: {key} is not a setting of genadapt adapt; see genadapt adapt --help")
+
+
+def _takes_a_list(key: str, preset: dict, family: str) -> bool:
+    """Whether `key` (an adapt field or a setting of the variant's techniques) holds a list."""
+    import typing
 
     if key in AdaptConfig.model_fields:
         annotation = AdaptConfig.model_fields[key].annotation
     else:
-        readers = [(t, kind, f) for t, kind, f in techniques.readers(key) if f == family] or techniques.readers(key)
-        technique, _, reader_family = readers[0]
-        annotation = techniques.registry()[technique].families[reader_family].settings.model_fields[key].annotation
-    return typing.get_origin(annotation) is list
+        annotation = next(model for model in _settings_of(preset, family) if key in model.model_fields).model_fields[key].annotation
+    kinds = [annotation, *typing.get_args(annotation)] if typing.get_origin(annotation) in (typing.Union, types.UnionType) else [annotation]
+    return any(typing.get_origin(kind) is list for kind in kinds)
 
 
 class CompareConfig(BaseModel):
@@ -608,24 +631,33 @@ class CompareConfig(BaseModel):
             if name not in presets and name not in variants:
                 raise UserError(f"--techniques {name}: not a compare technique for {family} bases; choose from {', '.join(presets)}, or define it with --variant {name}=TECHNIQUE,KEY=VALUE")
         self.techniques += [name for name in variants if name not in self.techniques]
-        for name, (_, preset) in variants.items():  # each variant's adapt settings, checked now rather than in its first run
-            try:
-                AdaptConfig(base=self.base, data=self.data, out=Path("variant"), **family_module(family).COMPARE, **preset)
-            except ValidationError as exc:
-                raise UserError(f"--variant {name}: {_first_error(exc)}") from None
-            except UserError as exc:
-                raise UserError(f"--variant {name}: {exc}") from None
         return self
 
     def variants(self) -> dict[str, tuple[str, dict]]:
-        """{NAME: (technique, adapt settings)} of each --variant: the technique's compare preset with its settings over it."""
+        """{NAME: (technique, adapt settings)} of each --variant: the technique's compare preset with its settings over
+        it, validated as the runs will read them and typed (rank 16, not '16')."""
         variants = {}
         for spec in self.variant:
-            name, technique, preset = parse_variant(spec, self.family)
+            name, technique, preset = self.resolve_variant(spec)
             if name in variants:
                 raise UserError(f"--variant {name}: given twice; give each variant its own name")
             variants[name] = (technique, preset)
         return variants
+
+    def resolve_variant(self, spec: str) -> tuple[str, str, dict]:
+        """One --variant's (NAME, technique, adapt settings), checked as an adapt run of this compare reads them."""
+        from genadapt.families import family_module
+
+        name, technique, preset = parse_variant(spec, self.family)
+        try:
+            config = AdaptConfig(base=self.base, data=self.data, out=Path("variant"), **family_module(self.family).COMPARE, **preset)
+        except ValidationError as exc:
+            raise UserError(f"--variant {name}: {_first_error(exc)}") from None
+        except UserError as exc:
+            raise UserError(f"--variant {name}: {exc}") from None
+        resolved = config.resolved()
+        losses = [loss.name if loss.weight is None else f"{loss.name}:{loss.weight:g}" for loss in config.loss]
+        return name, technique, {key: losses if key == "loss" else resolved[key] for key in preset}
 
     def preset(self, technique: str) -> dict:
         """The adapt settings `compare` runs TECHNIQUE (a registered one or a --variant) with."""

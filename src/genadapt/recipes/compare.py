@@ -84,7 +84,7 @@ def adapt_config(settings: CompareConfig, technique: str, shots: int, steps: int
 
 
 def shared_settings(settings: CompareConfig, shots: int, steps: int, out: Path, replicate: int = 0) -> dict:
-    """What every run of a compare sets alike (config.COMPARE_SHARED: a --variant may not set these)."""
+    """What every run of a compare sets alike (a --variant may not set these: config.VARIANT_TRAINING)."""
     from genadapt.families import family_module
 
     family = settings.family
@@ -332,23 +332,26 @@ def _features_of(images, path: Path):
     return features
 
 
-def _refuse_redefined_variants(settings: CompareConfig, out: Path) -> None:
-    """A resumed compare keeps its finished runs: a variant name whose settings changed would pass off old runs as new."""
-    saved = out / "settings.json"
+def _check_resumed_variants(settings: CompareConfig, out: Path) -> None:
+    """A resumed compare keeps its plan and its finished runs: each variant they hold must still be given, with the
+    settings it had (or old runs pass for new settings), and a variant the plan never had would silently not run."""
+    saved, plan_path = out / "settings.json", out / "plan.json"
     if not saved.is_file():
         return
-    before = {spec.split(",")[0].partition("=")[0]: spec for spec in json.loads(saved.read_text()).get("variant") or []}
-    for spec in settings.variant:
-        name = spec.split(",")[0].partition("=")[0]
-        if name in before and settings.variants()[name] != _variant_of(before[name], settings.family):
-            raise UserError(f"--variant {name}: {out} holds runs of {name} as {before[name]}; give the new settings another name or use a new --out")
-
-
-def _variant_of(spec: str, family: str) -> tuple[str, dict]:
-    from genadapt.config import parse_variant
-
-    _, technique, preset = parse_variant(spec, family)
-    return technique, preset
+    before = {}
+    for spec in json.loads(saved.read_text()).get("variant") or []:
+        name, technique, preset = settings.resolve_variant(spec)
+        before[name] = (spec, (technique, preset))
+    now = settings.variants()
+    planned = set(json.loads(plan_path.read_text())["techniques"]) if plan_path.is_file() else None
+    for name, (spec, meaning) in before.items():
+        if name not in now and planned is not None and name in planned:
+            raise UserError(f"--variant {name}: {out} holds runs of it; pass --variant {spec} again, or use a new --out")
+        if name in now and now[name] != meaning:
+            raise UserError(f"--variant {name}: {out} holds runs of {name} as {spec}; give the new settings another name or use a new --out")
+    for name in now:
+        if planned is not None and name not in planned:
+            raise UserError(f"--variant {name}: {out} was planned without it (its plan.json); compare it in a new --out")
 
 
 def _compare(settings: CompareConfig) -> dict:
@@ -361,7 +364,7 @@ def _compare(settings: CompareConfig) -> dict:
     out = Path(settings.out)
     if settings.reference is None:
         settings = hold_out(settings, out)
-    _refuse_redefined_variants(settings, out)
+    _check_resumed_variants(settings, out)
     plan_path = out / "plan.json"
     if plan_path.is_file():
         plan = ComparePlan(**json.loads(plan_path.read_text()))  # resume: keep the plan the finished runs used
