@@ -409,3 +409,25 @@ def test_the_floor_holds_when_one_yardstick_is_missing(tmp_path):
     resumed = _diversity_advice(tmp_path, 0.14, drop_reference=True)
     assert resumed["target_diversity"] is None and resumed["rule"]["diversity_yardstick"] == "base"
     assert resumed["techniques"]["full"]["disqualified"] == ["diversity 0.150 is below 0.5x the base's 0.400"]
+
+
+def test_when_the_pick_is_not_the_lowest_kid_the_verdict_credits_the_winners_margins_to_the_winner():
+    """comparisons hold winner − technique: with the cheapest tied technique picked, 'it beats X' would hand the
+    winner's margin to the pick. Each Δ names its pair."""
+    from genadapt.eval.report import verdict_text
+
+    def row(kid, size):
+        return {"kid": kid, "copy_rate": 0.0, "replicates": 3, "artifact_bytes": size, "disqualified": [],
+                "vs_base": {"difference": kid - 1.0, "ci_low": kid - 1.1, "ci_high": kid - 0.9}}
+
+    def delta(d, low, high):
+        return {"difference": d, "ci_low": low, "ci_high": high}
+
+    results = {"settings": {"samples": 64}, "recommendation": [{
+        "shots": 10, "techniques": {"full": row(0.2, 9e6), "lora": row(0.3, 2e5), "embedding": row(0.6, 3e3)}, "technique": "lora",
+        "fidelity_winner": "full", "tied_with": ["lora"], "comparisons": {"lora": delta(-0.1, -0.25, 0.05), "embedding": delta(-0.4, -0.5, -0.3)},
+        "base_kid": 1.0, "beats_base": True, "worse_than_base": False, "detectable": 0.2, "settings": {}}]}
+    [line] = verdict_text(results)
+    assert line.startswith("With 10 shot(s) use lora: KID 0.3000 (base 1.0000), copies 0%; it beats the unadapted base by 0.7000")
+    assert "it beats embedding" not in line and "the lowest KID is full's, which beats embedding by 0.4000 KID [0.3000, 0.5000]" in line
+    assert "tied with full (lowest KID) (Δ full − lora -0.1000 [-0.2500, +0.0500]); lora is the cheapest of the tied" in line

@@ -175,19 +175,25 @@ def verdict(results: dict) -> list[str]:
             continue
         text = f"With {shots} shot(s) use <b>{html.escape(pick)}</b>" + (f" ({html.escape(options)})" if options else "")
         winner = advice["fidelity_winner"]
+        # The rule's evidence is the winner's: the lowest KID beats some techniques and is tied with the rest, and
+        # the pick is the cheapest of the tied. Every Δ names its pair (comparisons hold winner − technique).
         beaten = [f"{html.escape(t)} by {-c['difference']:.4f} KID [{-c['ci_high']:.4f}, {-c['ci_low']:.4f}]"
                   for t, c in advice["comparisons"].items() if t not in advice["tied_with"]]
-        if advice["beats_base"]:
-            beaten.append(f"the unadapted base by {-vs_base['difference']:.4f} [{-vs_base['ci_high']:.4f}, {-vs_base['ci_low']:.4f}]")
         text += f": KID {table[pick]['kid']:.4f} (base {advice['base_kid']:.4f}), copies {table[pick]['copy_rate']:.0%}"
-        if beaten:
-            text += "; it beats " + ", ".join(beaten)
+        against_base = [f"the unadapted base by {-vs_base['difference']:.4f} [{-vs_base['ci_high']:.4f}, {-vs_base['ci_low']:.4f}]"] if advice["beats_base"] else []
+        if pick == winner and beaten + against_base:
+            text += "; it beats " + ", ".join(beaten + against_base)
+        elif pick != winner:
+            if against_base:
+                text += "; it beats " + against_base[0]
+            text += f"; the lowest KID is {html.escape(winner)}'s" + (f", which beats {', '.join(beaten)}" if beaten else "")
         if not advice["beats_base"]:
             text += f"; <i>not clearly better than the unadapted base</i> (Δ {_delta(vs_base)})"
         ties = [t for t in [winner, *advice["tied_with"]] if t != pick]
         if ties:
-            def tie(t: str) -> str:  # the paired difference winner − t; for the winner itself, winner − pick
-                return _delta(advice["comparisons"][pick if t == winner else t])
+            def tie(t: str) -> str:
+                other = pick if t == winner else t
+                return f"{html.escape(winner)} − {html.escape(other)} {_delta(advice['comparisons'][other])}"
 
             tied_text = ", ".join(f"{html.escape(t)}{' (lowest KID)' if t == winner else ''} (Δ {tie(t)})" for t in ties)
             sizes = ", ".join(f"{html.escape(t)} {_size(int(table[t]['artifact_bytes']))}" for t in ties)
