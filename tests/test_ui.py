@@ -124,6 +124,7 @@ def test_upload_compare_answer_and_sample_in_the_browser(browser, server, root, 
     field(page, "ga-replicates").fill("1")
     field(page, "ga-sample-steps").fill("1")
     field(page, "ga-lr-probe").fill("1")  # the probe's own tests are in test_compare.py
+    assert page.locator("#ga-variant").is_visible()  # variants: test_variants_become_one_flag_each_...
     page.locator("#ga-start").click()
     page.wait_for_selector(".ga-run", timeout=60_000)
     command = page.inner_text("#ga-command")
@@ -328,6 +329,26 @@ def test_form_becomes_the_cli_command_and_cli_errors(tmp_path):
         App(tmp_path).check_base("a local model folder or checkpoint", _pickle(tmp_path), False)
     one = plan_job(root, {**form, "mode": MODES[2], "train": "embedding", "steps": 3})
     assert one["argv"][:1] == ["adapt"] and one["steps"] == 3 and "--train" in one["argv"]
+
+
+def test_variants_become_one_flag_each_and_are_checked_before_the_job(tmp_path):
+    from genadapt.cli import app as cli
+
+    root = Root(tmp_path)
+    shapes(tmp_path / "uploads" / "set", 3)
+    form = {"mode": PICK, "base_choice": "pocket-sd", "data": "uploads/set", "out": "runs/v", "techniques": ["lora"], "shots": "2",
+            "steps": 5, "samples": 4, "replicates": 1, "sample_steps": 1, "seed": 0,
+            "variant": "lora_r8=lora,rank=8\n\n  lora_qv=lora,lora_targets=to_q,to_v  \n"}
+    argv = plan_job(root, form)["argv"]
+    specs = [argv[i + 1] for i, a in enumerate(argv) if a == "--variant"]
+    assert specs == ["lora_r8=lora,rank=8", "lora_qv=lora,lora_targets=to_q,to_v"]
+    # the CLI reads that argv back as the same two variants
+    assert list(cli.get_command(None, "compare").make_context("compare", argv[1:]).params["variant"]) == specs
+    with pytest.raises(UserError, match="--variant x: bogus is not a setting of genadapt adapt"):
+        plan_job(root, {**form, "variant": "x=lora,bogus=1"})
+    with pytest.raises(UserError, match="--variant lora=lora,rank=8: lora names"):
+        plan_job(root, {**form, "variant": "lora=lora,rank=8"})
+    assert "--variant" not in plan_job(root, {**form, "variant": " \n"})["argv"]
 
 
 def _pickle(folder: Path) -> str:

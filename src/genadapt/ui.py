@@ -287,6 +287,9 @@ def _argv(values: dict) -> list[str]:
             continue
         if value is True:
             argv.append(flag(key))
+        elif key == "variant":  # repeatable: one flag per spec, as a spec holds commas of its own
+            for spec in value:
+                argv += [flag(key), spec]
         else:
             argv += [flag(key), ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)]
     return argv
@@ -345,6 +348,7 @@ def plan_job(root: Root, form: dict) -> dict:
         "samples": _number(form.get("samples"), "--samples"), "replicates": _number(form.get("replicates"), "--replicates"),
         "seed": seed, "caption": caption, "validate_every": _number(form.get("validate_every"), "--validate-every"),
         "lr_probe": _number(form.get("lr_probe"), "--lr-probe"),
+        "variant": [line.strip() for line in (form.get("variant") or "").splitlines() if line.strip()] or None,
     }
     if values["steps"] is None:  # planned from a timing probe within the budget
         values["budget_minutes"] = _number(form.get("budget_minutes"), "--budget-minutes", integer=False)
@@ -816,11 +820,11 @@ class App:
     # --- jobs
 
     def start(self, mode, base_choice, base_path, allow_pickle, data, reference, caption, techniques, shots, budget, steps,
-              samples, replicates, sample_steps, seed, train, out, validate_every="", lr_probe=None):
+              samples, replicates, sample_steps, seed, train, out, validate_every="", lr_probe=None, variant=""):
         form = {"mode": mode, "base_choice": base_choice, "base_path": base_path, "allow_pickle": allow_pickle, "data": data,
                 "reference": reference, "caption": caption, "techniques": techniques, "shots": shots, "budget_minutes": budget,
                 "steps": steps, "samples": samples, "replicates": replicates, "sample_steps": sample_steps, "seed": seed,
-                "train": train, "out": out, "validate_every": validate_every, "lr_probe": lr_probe}
+                "train": train, "out": out, "validate_every": validate_every, "lr_probe": lr_probe, "variant": variant}
         with self.lock:
             if self.job is not None and self.job.running:
                 raise UserError("a job is running; cancel it or wait for it to finish (one job at a time)")
@@ -940,7 +944,7 @@ def mode_changed(mode: str):
     compare, pick = mode != MODES[2], mode == MODES[1]
     return (gr.update(visible=pick), gr.update(visible=compare), gr.update(visible=compare), gr.update(visible=mode != MODES[0]),
             gr.update(visible=not compare), gr.update(visible=compare), gr.update(visible=compare), gr.update(visible=compare),
-            gr.update(visible=compare))
+            gr.update(visible=compare), gr.update(visible=compare))
 
 
 def build_blocks(app: App, theme=None):
@@ -996,6 +1000,8 @@ def build_blocks(app: App, theme=None):
                     seed = gr.Number(value=0, precision=0, label="--seed", elem_id="ga-seed")
                     validate_every = gr.Textbox(label="--validate-every (empty: compare's steps / 4, adapt off; 0: off)", elem_id="ga-validate-every")
                     lr_probe = gr.Number(value=3, precision=0, label="--lr-probe: learning rates each technique tries first (1: none)", elem_id="ga-lr-probe")
+                variant = gr.Textbox(label="--variant: a technique at other settings, compared under its own name; one a line, "
+                                           "NAME=TECHNIQUE,KEY=VALUE,... (e.g. lora_r16=lora,rank=16)", lines=2, elem_id="ga-variant")
             with gr.Row():
                 start_button = gr.Button("Start", variant="primary", elem_id="ga-start")
                 cancel_button = gr.Button("Cancel (keeps what finished)", variant="stop", elem_id="ga-cancel")
@@ -1036,9 +1042,9 @@ def build_blocks(app: App, theme=None):
         check_button.click(g(1, 0)(app.check_base), [base_choice, base_path, allow_pickle], base_status, api_name="check_base")
         for trigger in (base_choice.change, base_path.blur):
             trigger(g(2, 0)(app.base_changed), [base_choice, base_path], [technique_choice, train], api_name=False)
-        mode.change(mode_changed, mode, [technique_choice, shots, budget, steps, train, reference_text, samples, replicates, lr_probe], api_name=False)
+        mode.change(mode_changed, mode, [technique_choice, shots, budget, steps, train, reference_text, samples, replicates, lr_probe, variant], api_name=False)
         start_inputs = [mode, base_choice, base_path, allow_pickle, data_text, reference_text, caption, technique_choice, shots, budget, steps,
-                        samples, replicates, sample_steps, seed, train, out_text, validate_every, lr_probe]
+                        samples, replicates, sample_steps, seed, train, out_text, validate_every, lr_probe, variant]
         start_button.click(g(3, 0)(app.start), start_inputs, [job_status, progress, answer], api_name="start")
         cancel_button.click(g(1, 0)(app.cancel), None, job_status, api_name="cancel")
         results_button.click(g(3, 0)(app.show_results), [mode, out_text], [job_status, progress, answer], api_name="show_results")
