@@ -303,11 +303,17 @@ def test_the_timing_probe_runs_no_validation_check(base, tmp_path):
     from genadapt.recipes.compare import adapt_config, probe
 
     settings = _settings(base, tmp_path)
-    settings.techniques, settings.shots = ["lora"], [2]
+    settings.techniques, settings.shots, settings.probe_steps = ["lora"], [2], 3
     assert adapt_config(settings, "lora", 2, settings.probe_steps, tmp_path / "x").validate_every == 1  # a run this short checks every step
-    probe(settings, tmp_path / "probe")
+    per_step, _ = probe(settings, tmp_path / "probe")
     log = tmp_path / "probe" / "lora" / "validation.jsonl"
     assert not log.is_file() or not log.read_text().strip()
+    # The first step's warm-up (a GAN's also runs R1) is paid once per run: it goes to the run's set-up, and only the
+    # later steps price a step (charged per step, a 2-step GAN probe priced pocket-stylegan2's steps at 1.7x a run's).
+    summary = json.loads((tmp_path / "probe" / "lora" / "summary.json").read_text())
+    assert 0 < summary["first_step_seconds"] < summary["train_seconds"]
+    later = (summary["train_seconds"] - summary["first_step_seconds"]) / (settings.probe_steps - 1)
+    assert per_step["lora"] == pytest.approx(later) and per_step["lora:setup"] >= summary["first_step_seconds"]
 
 
 def test_a_recommendation_worse_than_the_base_says_to_keep_the_base():

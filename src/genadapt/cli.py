@@ -289,7 +289,6 @@ def demo(
             lr_probe=1 if quick else 3,  # --quick: the default rates; the full demo probes 3 rates per technique first
             jobs=jobs,
             min_steps=10 if quick else 50,
-            probe_steps=1 if quick else 2,
             **({"sample_steps": 15 if quick else 25} if base == "pocket-sd" else {}),
         )
         results[base] = run_compare(settings)

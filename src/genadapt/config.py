@@ -572,7 +572,7 @@ class CompareConfig(BaseModel):
     fit: Literal["crop", "pad"] = setting("crop", "Make images square by center-cropping or padding (the shots, the pool and --reference alike).")
     background: str = setting("white", "Colour transparent images are composited on (the shots, the pool and --reference alike).")
     strict: bool = setting(False, "Stop on any unusable image in --data or --reference instead of skipping it.")
-    probe_steps: int = setting(2, "Steps of the timing probe per technique.", ge=1)
+    probe_steps: int = setting(5, "Steps of the timing probe per technique: the first (warm-up) is charged once per run, the others price a step.", ge=1)
     sample_steps: int = setting(25, "Sampler steps for evaluation samples.", DIFFUSION, ge=1)
     reference_share: float = setting(0.3, "Without --reference: the share of --data held out as the reference.", gt=0, lt=1)
     validate_every: int | None = setting(None, "Validate every run every N steps on held-out pool images and keep its best step (0: off).  [default: steps / 4]", ge=0)

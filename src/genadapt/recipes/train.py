@@ -404,7 +404,7 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
 
     device = accelerator.device
     bar = tqdm(total=config.steps, initial=start, desc=f"adapt {config.train}", unit="step", disable=not main, dynamic_ncols=True)
-    started = time.time()
+    started, first_step_seconds = time.time(), None  # the first step pays one-off warm-up: compare's timing probe sets it apart
     timesteps_total = model.noise_scheduler.config.num_train_timesteps
     weights = torch.tensor([float(len(bucket)) for bucket in buckets])
     def snapshot() -> dict:
@@ -480,6 +480,8 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             end_of_step(done, model, config, accelerator, stop, validation, snapshot, checkpoint, bar, out)
+            if first_step_seconds is None:
+                first_step_seconds = time.time() - started
             if main and grid_every and done % grid_every == 0 and done != config.steps:
                 reporter.image(sample_grid(out / "samples" / f"step-{done:06d}.png"), done)
         bar.close()
@@ -492,7 +494,8 @@ def adapt_diffusion(config: AdaptConfig, accelerator=None) -> dict:
             ema.copy_to(parameters)  # the run's weights are the EMA's from here: digest, artifact, final grid
         weights_digest = check_ranks_agree(model, accelerator)
         trained = technique.trained_parameters(model) if hasattr(technique, "trained_parameters") else sum(p.numel() for p in parameters)
-        summary = {"family": "diffusion", "steps": config.steps, "train_seconds": time.time() - started, "trainable_parameters": trained,
+        summary = {"family": "diffusion", "steps": config.steps, "train_seconds": time.time() - started, "first_step_seconds": first_step_seconds,
+                   "trainable_parameters": trained,
                    "device": str(device), "processes": accelerator.num_processes, "weights_sha256": weights_digest,
                    "train_images": len(images), "train_variants": sum(len(bucket) for bucket in buckets), "resolution": resolution,
                    "saved_weights": "ema" if ema is not None else "trained"}
