@@ -314,6 +314,29 @@ def test_the_timing_probe_runs_no_validation_check(base, tmp_path):
     assert 0 < summary["first_step_seconds"] < summary["train_seconds"]
     later = (summary["train_seconds"] - summary["first_step_seconds"]) / (settings.probe_steps - 1)
     assert per_step["lora"] == pytest.approx(later) and per_step["lora:setup"] >= summary["first_step_seconds"]
+    # An interrupted compare probes again from scratch: a resumed probe would time none of its steps.
+    probe(settings, tmp_path / "probe")
+    assert len((tmp_path / "probe" / "lora" / "log.jsonl").read_text().splitlines()) == settings.probe_steps
+
+
+def test_a_gan_probe_spreads_its_first_steps_r1_over_the_r1_interval(tmp_path):
+    """A GAN's first step runs the lazy R1, which recurs every R1_INTERVAL steps: the later steps alone would
+    price a step without it."""
+    from genadapt.families.stylegan2 import R1_INTERVAL, save_stylegan2
+    from genadapt.recipes.compare import probe
+    from genadapt.zoo.pocket_stylegan2 import PocketStyleGAN2Config, build
+
+    tiny = PocketStyleGAN2Config(size=32, style_dim=16, n_mlp=2, channels={4: 16, 8: 16, 16: 8, 32: 8})
+    _, discriminator, g_ema = build(tiny)
+    save_stylegan2(tmp_path / "gan", g_ema, discriminator, tiny.generator_kwargs(), tiny.discriminator_kwargs(), extra={"pretraining": {"r1_gamma": 1.0}})
+    settings = CompareSettings(base=str(tmp_path / "gan"), data="builtin:digits/3", reference="builtin:digits/3", out=tmp_path / "cmp", shots=[4],
+                               techniques=["full"], budget_minutes=30, min_steps=2, samples=8, probe_steps=3, batch_size=4, replicates=1)
+    per_step, _ = probe(settings, tmp_path / "probe")
+    summary = json.loads((tmp_path / "probe" / "full" / "summary.json").read_text())
+    first = summary["first_step_seconds"]
+    later = (summary["train_seconds"] - first) / (settings.probe_steps - 1)
+    assert "r1" in json.loads((tmp_path / "probe" / "full" / "log.jsonl").read_text().splitlines()[0])  # the first step ran R1
+    assert per_step["full"] == pytest.approx(later + max(0.0, first - later) / R1_INTERVAL)
 
 
 def test_a_recommendation_worse_than_the_base_says_to_keep_the_base():

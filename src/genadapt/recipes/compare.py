@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -195,14 +196,20 @@ def probe(settings: CompareConfig, scratch: Path) -> tuple[dict[str, float], flo
         config.sample_steps = 1
         if config.validate_every:  # its set-up is timed; no check runs inside the timed steps (make_plan charges them)
             config.validate_every = settings.probe_steps + 1
+        shutil.rmtree(scratch / technique, ignore_errors=True)  # an interrupted compare's probe would resume, timing fewer steps
         started = time.time()
         adapt(config)
         summary = json.loads((scratch / technique / "summary.json").read_text())
-        # Setup (loading, encoding, Fisher, class images) and the first step's warm-up (a GAN's first step also
-        # runs R1: 1.8x a later step on pocket-stylegan2) are paid once per run; the later steps price a step.
-        train, first = summary["train_seconds"], summary.get("first_step_seconds")
-        once = first if settings.probe_steps > 1 and first is not None else 0.0
+        # Setup (loading, encoding, Fisher, class images) and the first step's warm-up are paid once per run; the later
+        # steps price a step. A GAN's first step also runs the lazy R1 (1.8x a later step on pocket-stylegan2), which
+        # recurs every R1_INTERVAL steps: its excess is spread over them (warm-up included: an over-, not under-charge).
+        train, first = summary["train_seconds"], summary["first_step_seconds"]
+        once = first if settings.probe_steps > 1 else 0.0
         per_step[technique] = (train - once) / (settings.probe_steps - (1 if once else 0))
+        if once and settings.family == "gan":
+            from genadapt.families.stylegan2 import R1_INTERVAL
+
+            per_step[technique] += max(0.0, once - per_step[technique]) / R1_INTERVAL
         per_step[technique + ":setup"] = time.time() - started - train + once
     started = time.time()
     base_samples(settings.base, 16, ["probe"], steps=settings.sample_steps)
