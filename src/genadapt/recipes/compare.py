@@ -203,10 +203,10 @@ def probe(settings: CompareConfig, scratch: Path) -> tuple[dict[str, float], flo
         # Setup (loading, encoding, Fisher, class images) and the first step's warm-up are paid once per run; the later
         # steps price a step. A GAN's first step also runs the lazy R1 (1.8x a later step on pocket-stylegan2), which
         # recurs every R1_INTERVAL steps: its excess is spread over them (warm-up included: an over-, not under-charge).
-        train, first = summary["train_seconds"], summary["first_step_seconds"]
-        once = first if settings.probe_steps > 1 else 0.0
-        per_step[technique] = (train - once) / (settings.probe_steps - (1 if once else 0))
-        if once and settings.family == "gan":
+        train, later_steps = summary["train_seconds"], settings.probe_steps - 1
+        once = summary["first_step_seconds"] if later_steps else 0.0
+        per_step[technique] = (train - once) / (later_steps or 1)
+        if later_steps and settings.family == "gan":
             from genadapt.families.stylegan2 import R1_INTERVAL
 
             per_step[technique] += max(0.0, once - per_step[technique]) / R1_INTERVAL
